@@ -1,0 +1,7 @@
+"""``python -m clipseg3d`` is the ``clipseg3d`` command."""
+
+import sys
+
+from clipseg3d.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The ``clipseg3d`` command.
+
+``fit | validate | test | predict`` go to a LightningCLI over :class:`UniversalSegmentation` and
+any LightningDataModule (YAML configs with ``--config``, ``--print_config``). The package's own
+tools (``phantom``, ``index``, ``segment``, ``classes``, ``sweep``) have their own parsers under
+the same entry point.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from clipseg3d.task import UniversalSegmentation
+
+TOOLS = {
+    "phantom": ("clipseg3d.data.phantom", "write synthetic CT phantom datasets"),
+    "index": ("clipseg3d.data.index", "index a public dataset folder into a manifest"),
+    "segment": ("clipseg3d.inference.segment", "segment CT scans with a trained checkpoint"),
+    "classes": ("clipseg3d.classes_cli", "list and check the class catalog and plugins"),
+    "sweep": ("clipseg3d.sweep", "run a wandb sweep locally, without a server"),
+}
+
+
+class UniversalCLI(LightningCLI):
+    """LightningCLI with the links that keep derived values in step with their source."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.classes", "data.init_args.classes")
+        parser.link_arguments("data.init_args.crop_size", "model.roi_size")
+
+
+def lightning_main(args: list[str] | None = None) -> UniversalCLI:
+    return UniversalCLI(
+        UniversalSegmentation,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        args=args,
+    )
+
+
+def _usage() -> str:
+    tools = "\n".join(f"  {name:<9} {help}" for name, (_, help) in TOOLS.items())
+    return ("usage: clipseg3d {fit,validate,test,predict} --config CONFIG.yaml [...]\n"
+            f"       clipseg3d TOOL [...]\n\ntraining (LightningCLI; --help for each):\n"
+            f"  fit, validate, test, predict\n\ntools:\n{tools}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        return 0
+    if argv[0] in TOOLS:
+        module = importlib.import_module(TOOLS[argv[0]][0])
+        return module.main(argv[1:])
+    lightning_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
