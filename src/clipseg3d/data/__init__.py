@@ -1,0 +1,1 @@
+"""Data: CT phantoms, dataset label maps, manifests and DataModules."""

@@ -1,0 +1,53 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipseg3d.data.synthetic import synthetic_volume
+from clipseg3d.losses import PartialLabelLoss
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 5, 5, 5, generator=g, requires_grad=True)
+    target = (torch.rand(2, 3, 5, 5, 5, generator=g) > 0.5).float()
+    return logits, target
+
+
+def test_unlabelled_pairs_get_exactly_zero_gradient():
+    logits, target = _batch()
+    labelled = torch.tensor([[True, False, True], [False, False, True]])
+    PartialLabelLoss()(logits, target, labelled).backward()
+    grad_norm = logits.grad.flatten(2).abs().sum(-1)
+    assert torch.all(grad_norm[~labelled] == 0)
+    assert torch.all(grad_norm[labelled] > 0)
+
+
+def test_sample_that_labels_nothing_contributes_nothing():
+    logits, target = _batch(1)
+    loss = PartialLabelLoss()
+    both = loss(logits, target, torch.tensor([[True, True, False], [False, False, False]]))
+    first_only = loss(logits[:1], target[:1], torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(both, first_only)
+    nothing = loss(logits, target, torch.zeros(2, 3, dtype=torch.bool))
+    assert nothing.item() == 0.0
+
+
+def test_loss_value_is_bce_plus_dice_over_labelled_pairs():
+    logits, target = _batch(2)
+    labelled = torch.tensor([[True, False, False], [False, True, False]])
+    value = PartialLabelLoss(bce_weight=0.5, dice_weight=2.0, smooth=1.0)(logits, target, labelled)
+    expected = []
+    for b, k in [(0, 0), (1, 1)]:
+        x, t = logits[b, k].flatten(), target[b, k].flatten()
+        p = torch.sigmoid(x)
+        dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+        expected.append(0.5 * F.binary_cross_entropy_with_logits(x, t) + 2.0 * dice)
+    torch.testing.assert_close(value, torch.stack(expected).mean())
+
+
+def test_generated_organ_targets_include_their_tumour_voxels():
+    names = ["liver", "spleen", "liver_tumor"]
+    _, targets = synthetic_volume(names, (24, 24, 24), np.random.default_rng(0))
+    tumour, liver = targets[2].astype(bool), targets[0].astype(bool)
+    assert tumour.sum() > 20
+    assert np.all(liver[tumour])
