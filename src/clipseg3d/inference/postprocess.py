@@ -1,0 +1,280 @@
+"""Post-processing of per-class masks; every rule reads the class catalog, none names a class.
+
+Rules, in the order :func:`postprocess` applies them:
+
+1. threshold probabilities (a default with per-class overrides);
+2. remove connected components smaller than a volume in mL (organs and lesions separately);
+3. organs: keep the largest component; a left/right pair (entries with ``side`` and
+   ``partner``) keeps the two largest components of the pair's union and gives each to the
+   side its centroid lies on (patient right = larger RAS x);
+4. tumours: keep only voxels within a distance (mm) of the union of their parent organs.
+
+Masks are bool arrays on the scan grid, either a ``{class name: mask}`` dict or a ``[K, ...]``
+stack in class order; probabilities are float16/float32 ``[K, ...]`` stacks. Work is done on
+the bounding box of each mask, so memory stays near one bool volume per class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence, Union
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from clipseg3d.catalog import ClassCatalog
+
+Masks = Union[Mapping[str, np.ndarray], np.ndarray]
+# Voxels touching by a face, an edge or a corner belong to the same component.
+CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+BODY_HU = -500.0
+
+
+@dataclass
+class PostprocessConfig:
+    """The knobs of :func:`postprocess`.
+
+    Args:
+        default_threshold: probability above which (inclusive) a voxel belongs to a class.
+        thresholds: per-class thresholds overriding ``default_threshold``.
+        min_component_ml: organ (and other non-tumour) components smaller than this are removed.
+        min_lesion_ml: tumour components smaller than this are removed.
+        tumour_dilation_mm: a tumour voxel is kept only within this distance of a parent organ.
+        keep_largest: keep only the largest component of each organ (two for a left/right pair).
+        multi_component: organs exempt from ``keep_largest`` (e.g. structures that are
+            legitimately fragmented in a scan).
+    """
+
+    default_threshold: float = 0.5
+    thresholds: dict[str, float] = field(default_factory=dict)
+    min_component_ml: float = 0.5
+    min_lesion_ml: float = 0.0
+    tumour_dilation_mm: float = 10.0
+    keep_largest: bool = True
+    multi_component: tuple[str, ...] = ()
+
+
+# -- mask containers ------------------------------------------------------------------------
+def class_masks(masks: Masks, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{name: mask}`` from a dict or a ``[K, ...]`` stack (stack rows are views, not copies)."""
+    if isinstance(masks, Mapping):
+        missing = [name for name in class_names if name not in masks]
+        if missing:
+            raise ValueError(f"masks lack class(es) {missing}")
+        return {name: masks[name] for name in class_names}
+    if len(masks) != len(class_names):
+        raise ValueError(f"{len(masks)} mask channels for {len(class_names)} class names")
+    return {name: masks[index] for index, name in enumerate(class_names)}
+
+
+def _like_input(result: dict[str, np.ndarray], masks: Masks) -> Masks:
+    if isinstance(masks, Mapping):
+        return result
+    return np.stack(list(result.values()))
+
+
+def _bbox(mask: np.ndarray, margin: Sequence[int] | int = 0) -> tuple[slice, ...] | None:
+    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels per axis; None when empty."""
+    margins = np.broadcast_to(np.asarray(margin, dtype=int), (mask.ndim,))
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(hits[0] - margins[axis], 0), min(hits[-1] + 1 + margins[axis], mask.shape[axis])))
+    return tuple(box)
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...]]:
+    """Component labels inside the bounding box, voxel count per label (index 0 unused), and the box."""
+    box = _bbox(mask)
+    if box is None:
+        return np.zeros((0,) * mask.ndim, np.int32), np.zeros(1, np.int64), tuple(slice(0, 0) for _ in mask.shape)
+    labels, count = ndimage.label(mask[box], structure=CONNECTIVITY)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    return labels, sizes, box
+
+
+def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Centroid of ``mask`` in world millimetres."""
+    return nib.affines.apply_affine(affine, np.argwhere(mask).mean(axis=0))
+
+
+# -- rules ----------------------------------------------------------------------------------
+def threshold(probs: np.ndarray, thresholds: Mapping[str, float] | float, class_names: Sequence[str],
+              default: float = 0.5) -> np.ndarray:
+    """Bool masks ``[K, ...]`` where ``probs >= threshold`` of each class.
+
+    ``thresholds`` is one value for all classes or a per-class mapping (others use ``default``).
+    """
+    if len(probs) != len(class_names):
+        raise ValueError(f"{len(probs)} probability channels for {len(class_names)} class names")
+    if isinstance(thresholds, Mapping):
+        unknown = sorted(set(thresholds) - set(class_names))
+        if unknown:
+            raise ValueError(f"thresholds given for unknown class(es) {unknown}")
+        values = [float(thresholds.get(name, default)) for name in class_names]
+    else:
+        values = [float(thresholds)] * len(class_names)
+    masks = np.empty(probs.shape, dtype=bool)
+    for index, value in enumerate(values):
+        np.greater_equal(probs[index], value, out=masks[index])
+    return masks
+
+
+def remove_small_components(mask: np.ndarray, min_volume_ml: float, spacing: Sequence[float]) -> np.ndarray:
+    """A copy of ``mask`` without the components smaller than ``min_volume_ml``."""
+    result = np.zeros(mask.shape, dtype=bool)
+    labels, sizes, box = _components(mask)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    keep = sizes * voxel_ml >= min_volume_ml
+    keep[0] = False
+    result[box] = keep[labels]
+    return result
+
+
+def keep_largest_component(mask: np.ndarray, count: int = 1) -> np.ndarray:
+    """A copy of ``mask`` with only its ``count`` largest components."""
+    result = np.zeros(mask.shape, dtype=bool)
+    labels, sizes, box = _components(mask)
+    largest = np.argsort(sizes)[::-1][:count]
+    keep = np.zeros(sizes.shape, dtype=bool)
+    keep[largest[sizes[largest] > 0]] = True
+    result[box] = keep[labels]
+    return result
+
+
+def assign_pair_sides(right: np.ndarray, left: np.ndarray, affine: np.ndarray,
+                      midline_x: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Masks ``(right, left)`` of a left/right organ pair with stray and swapped components fixed.
+
+    The two largest components of the union are kept; each goes to the patient side its centroid
+    lies on: right when its RAS x exceeds ``midline_x`` (default: the midpoint of the two
+    centroids). A union that forms a single component keeps the voxel labels it had.
+    """
+    union = right | left
+    labels, sizes, box = _components(union)
+    order = np.argsort(sizes)[::-1][:2]
+    kept = [int(label) for label in order if sizes[label] > 0]
+    new_right = np.zeros(union.shape, dtype=bool)
+    new_left = np.zeros(union.shape, dtype=bool)
+    if len(kept) == 1:
+        component = labels == kept[0]
+        new_right[box] = component & right[box]
+        new_left[box] = component & left[box]
+        return new_right, new_left
+    if not kept:
+        return new_right, new_left
+    offset = np.eye(4)
+    offset[:3, 3] = [piece.start for piece in box]
+    box_affine = np.asarray(affine, dtype=float) @ offset
+    components = [labels == label for label in kept]
+    xs = [world_centroid(component, box_affine)[0] for component in components]
+    middle = float(np.mean(xs)) if midline_x is None else float(midline_x)
+    for component, x in zip(components, xs):
+        (new_right if x > middle else new_left)[box] |= component
+    return new_right, new_left
+
+
+def body_midline_x(image_hu: np.ndarray, affine: np.ndarray, body_hu: float = BODY_HU) -> float:
+    """RAS x (mm) of the centroid of the body (voxels above ``body_hu``), a midline for side assignment."""
+    body = image_hu > body_hu
+    if not body.any():
+        raise ValueError(f"no voxel above {body_hu} HU; cannot find the body midline")
+    return float(nib.affines.apply_affine(affine, ndimage.center_of_mass(body))[0])
+
+
+def restrict_to_parents(tumour: np.ndarray, parents: np.ndarray, spacing: Sequence[float],
+                        dilation_mm: float) -> np.ndarray:
+    """``tumour`` voxels within ``dilation_mm`` (Euclidean, in mm) of a ``parents`` voxel.
+
+    Distances are computed per tumour component on its bounding box grown by the radius, so a
+    small lesion in a large volume costs little.
+    """
+    result = np.zeros(tumour.shape, dtype=bool)
+    spacing = np.asarray(spacing, dtype=float)
+    margin = np.ceil(dilation_mm / spacing).astype(int) + 1
+    outer = _bbox(tumour, margin)
+    if outer is None:
+        return result
+    parents, found = parents[outer], result[outer]
+    labels, _ = ndimage.label(tumour[outer], structure=CONNECTIVITY)
+    for label, component_box in enumerate(ndimage.find_objects(labels), start=1):
+        box = tuple(slice(max(piece.start - pad, 0), min(piece.stop + pad, size))
+                    for piece, pad, size in zip(component_box, margin, labels.shape))
+        if not parents[box].any():
+            continue
+        distance = ndimage.distance_transform_edt(~parents[box], sampling=spacing)
+        found[box] |= (labels[box] == label) & (distance <= dilation_mm)
+    return result
+
+
+# -- pipeline -------------------------------------------------------------------------------
+def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str], spacing: Sequence[float],
+                affine: np.ndarray, config: PostprocessConfig | None = None,
+                midline_x: float | None = None) -> Masks:
+    """Apply the rules of this module; returns bool masks in the input's container type.
+
+    Float ``[K, ...]`` input is thresholded first with the config's thresholds. Organ rules run
+    before tumour rules, so tumours are checked against cleaned parent organs; a tumour whose
+    parents are not among ``class_names`` is left unconstrained.
+    """
+    config = config or PostprocessConfig()
+    if not isinstance(masks, Mapping) and np.issubdtype(np.asarray(masks).dtype, np.floating):
+        masks = threshold(masks, config.thresholds, class_names, config.default_threshold)
+    current = {name: np.asarray(mask, dtype=bool) for name, mask in class_masks(masks, class_names).items()}
+    entries = {name: catalog[name] for name in class_names}
+    exempt = {catalog[name].name for name in config.multi_component}
+
+    for name, entry in entries.items():
+        minimum = config.min_lesion_ml if entry.kind == "tumour" else config.min_component_ml
+        if minimum > 0:
+            current[name] = remove_small_components(current[name], minimum, spacing)
+
+    if config.keep_largest:
+        done: set[str] = set()
+        for name, entry in entries.items():
+            if entry.kind != "organ" or name in done or name in exempt:
+                continue
+            partner = catalog[entry.partner].name if entry.partner else None
+            if partner in current and entry.side and entries[partner].side and partner not in exempt:
+                right, left = (name, partner) if entry.side == "right" else (partner, name)
+                current[right], current[left] = assign_pair_sides(current[right], current[left], affine, midline_x)
+                done.update((name, partner))
+            else:
+                current[name] = keep_largest_component(current[name])
+                done.add(name)
+
+    for name, entry in entries.items():
+        parents = [catalog[parent].name for parent in entry.parents]
+        parents = [parent for parent in parents if parent in current]
+        if entry.kind != "tumour" or not parents:
+            continue
+        parent_union = np.logical_or.reduce([current[parent] for parent in parents])
+        current[name] = restrict_to_parents(current[name], parent_union, spacing, config.tumour_dilation_mm)
+    return _like_input(current, masks)
+
+
+def _specificity(name: str, catalog: ClassCatalog) -> int:
+    """0 for a class without parents, else one more than its most specific parent."""
+    entry = catalog[name]
+    return 1 + max((_specificity(parent, catalog) for parent in entry.parents), default=-1)
+
+
+def merge_label_map(masks: Masks, class_names: Sequence[str],
+                    catalog: ClassCatalog) -> tuple[np.ndarray, dict[int, str]]:
+    """One label map (ids 1..K in class order, 0 = background) and its ``{id: class name}`` table.
+
+    Where masks overlap a voxel holds its most specific class: classes are painted in order of
+    depth in the parent relation (organs, then their tumours), and in class order within a depth.
+    """
+    named = class_masks(masks, class_names)
+    dtype = np.uint8 if len(class_names) < 256 else np.uint16
+    shape = next(iter(named.values())).shape if named else ()
+    label_map = np.zeros(shape, dtype=dtype)
+    order = sorted(range(len(class_names)), key=lambda index: (_specificity(class_names[index], catalog), index))
+    for index in order:
+        label_map[np.asarray(named[class_names[index]], dtype=bool)] = index + 1
+    return label_map, {index + 1: name for index, name in enumerate(class_names)}

@@ -1,0 +1,199 @@
+"""Post-processing rules on constructed masks with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipseg3d.catalog import ClassCatalog
+from clipseg3d.inference.postprocess import (
+    PostprocessConfig,
+    assign_pair_sides,
+    body_midline_x,
+    keep_largest_component,
+    merge_label_map,
+    postprocess,
+    remove_small_components,
+    restrict_to_parents,
+    threshold,
+)
+
+RAS = np.diag([2.0, 2.0, 2.0, 1.0])
+LAS = np.diag([-2.0, 2.0, 2.0, 1.0])  # array axis 0 runs towards the patient's left
+
+# Invented names: the rules must follow the entries, whatever the classes are called.
+CATALOG = ClassCatalog.from_mapping({"classes": [
+    {"name": "blob_organ", "kind": "organ"},
+    {"name": "east_part", "kind": "organ", "side": "right", "partner": "west_part"},
+    {"name": "west_part", "kind": "organ", "side": "left", "partner": "east_part"},
+    {"name": "lump", "kind": "tumour", "parents": ["blob_organ"]},
+    {"name": "pair_lump", "kind": "tumour", "parents": ["east_part", "west_part"]},
+]})
+
+
+def cube(shape, lo, hi):
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return mask
+
+
+def test_threshold_default_and_per_class_override():
+    probs = np.array([[0.2, 0.5, 0.7], [0.2, 0.5, 0.7]], dtype=np.float16).reshape(2, 3, 1, 1)
+    masks = threshold(probs, {"b": 0.6}, ["a", "b"])
+    assert masks.dtype == bool
+    assert masks[0].ravel().tolist() == [False, True, True]
+    assert masks[1].ravel().tolist() == [False, False, True]
+    assert threshold(probs, 0.1, ["a", "b"]).sum() == 6
+    with pytest.raises(ValueError, match="unknown class"):
+        threshold(probs, {"c": 0.3}, ["a", "b"])
+
+
+def test_keep_largest_component_keeps_the_bigger_blob():
+    big = cube((20, 20, 20), (1, 1, 1), (4, 4, 4))        # 27 voxels
+    small = cube((20, 20, 20), (10, 10, 10), (12, 12, 12))  # 8 voxels
+    kept = keep_largest_component(big | small)
+    assert kept.sum() == 27
+    assert np.array_equal(kept, big)
+    assert not keep_largest_component(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_diagonal_neighbours_are_one_component():
+    mask = np.zeros((5, 5, 5), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = True
+    mask[4, 0, 4] = True
+    assert keep_largest_component(mask).sum() == 2
+
+
+def test_remove_small_components_uses_millilitres_with_anisotropic_spacing():
+    shape = (40, 40, 40)
+    spacing = (0.5, 0.5, 4.0)  # 1 mm^3 per voxel
+    larger = cube(shape, (0, 0, 0), (10, 10, 6))    # 600 voxels = 0.6 mL
+    smaller = cube(shape, (20, 20, 20), (30, 30, 24))  # 400 voxels = 0.4 mL
+    kept = remove_small_components(larger | smaller, 0.5, spacing)
+    assert np.array_equal(kept, larger)
+    # at 2 mm^3 per voxel both pass 0.5 mL, at 0.5 mm^3 neither does
+    assert remove_small_components(larger | smaller, 0.5, (1.0, 1.0, 2.0)).sum() == 1000
+    assert remove_small_components(larger | smaller, 0.5, (0.5, 1.0, 1.0)).sum() == 0
+
+
+def _swapped_pair(shape=(30, 10, 10)):
+    """A blob at high axis-0 index labelled 'left' and one at low index labelled 'right', plus a stray."""
+    high = cube(shape, (20, 2, 2), (26, 8, 8))
+    low = cube(shape, (3, 2, 2), (9, 8, 8))
+    stray = cube(shape, (14, 0, 0), (15, 1, 1))
+    return low, high | stray, high, low, stray
+
+
+def test_pair_sides_follow_ras_x_not_array_order():
+    right, left, high, low, _ = _swapped_pair()
+    # RAS: high index = larger x = patient right, so the labels were swapped
+    new_right, new_left = assign_pair_sides(right, left, RAS)
+    assert np.array_equal(new_right, high) and np.array_equal(new_left, low)
+    # LAS: high index = smaller x = patient left, so the same labels were right (the stray goes)
+    new_right, new_left = assign_pair_sides(right, left, LAS)
+    assert np.array_equal(new_right, low) and np.array_equal(new_left, high)
+
+
+def test_pair_sides_with_given_midline():
+    right, left, high, low, _ = _swapped_pair()
+    # both centroids (x = 11 and 45 mm) lie right of a midline at x = 0
+    new_right, new_left = assign_pair_sides(right, left, RAS, midline_x=0.0)
+    assert np.array_equal(new_right, high | low) and not new_left.any()
+
+
+def test_pair_forming_one_component_keeps_voxel_labels():
+    shape = (20, 6, 6)
+    right = cube(shape, (0, 0, 0), (10, 6, 6))
+    left = cube(shape, (10, 0, 0), (20, 6, 6))
+    new_right, new_left = assign_pair_sides(right, left, RAS)
+    assert np.array_equal(new_right, right) and np.array_equal(new_left, left)
+
+
+def test_restrict_to_parents_in_mm_with_anisotropic_spacing():
+    shape = (40, 40, 40)
+    spacing = (1.0, 1.0, 4.0)
+    organ = cube(shape, (10, 10, 10), (20, 20, 20))
+    inside = cube(shape, (12, 12, 12), (14, 14, 14))
+    near_x = cube(shape, (25, 12, 12), (27, 14, 14))   # 6..7 mm beyond the organ along x
+    far_x = cube(shape, (33, 12, 12), (35, 14, 14))    # 14..15 mm beyond
+    near_z = cube(shape, (12, 12, 21), (14, 14, 22))   # 2 slices = 8 mm beyond along z
+    far_z = cube(shape, (12, 12, 23), (14, 14, 24))    # 4 slices = 16 mm beyond
+    tumour = inside | near_x | far_x | near_z | far_z
+    kept = restrict_to_parents(tumour, organ, spacing, dilation_mm=10.0)
+    assert np.array_equal(kept, inside | near_x | near_z)
+    # a lesion straddling the limit is trimmed voxel by voxel: x = 20..29 is 1..10 mm away
+    straddle = cube(shape, (20, 12, 12), (35, 14, 14))
+    kept = restrict_to_parents(straddle, organ, spacing, dilation_mm=10.0)
+    assert kept[:, 12, 12].nonzero()[0].tolist() == list(range(20, 30))
+
+
+def test_postprocess_applies_catalog_rules_to_a_stack():
+    shape = (40, 20, 20)
+    spacing = (2.0, 2.0, 2.0)
+    organ_main = cube(shape, (2, 2, 2), (10, 10, 10))
+    organ_stray = cube(shape, (30, 15, 15), (32, 17, 17))
+    high = cube(shape, (28, 2, 2), (34, 8, 8))
+    low = cube(shape, (12, 2, 2), (18, 8, 8))
+    lump_in = cube(shape, (4, 4, 4), (6, 6, 6))
+    lump_out = cube(shape, (4, 15, 15), (6, 17, 17))   # 10 voxels = 20 mm from the organ
+    pair_lump = cube(shape, (30, 3, 3), (31, 4, 4))
+    names = CATALOG.names
+    stack = np.stack([organ_main | organ_stray, low, high, lump_in | lump_out, pair_lump])
+    out = postprocess(stack, CATALOG, names, spacing, RAS,
+                      PostprocessConfig(min_component_ml=0.0, tumour_dilation_mm=5.0))
+    assert isinstance(out, np.ndarray) and out.shape == stack.shape and out.dtype == bool
+    assert np.array_equal(out[0], organ_main)
+    assert np.array_equal(out[1], high) and np.array_equal(out[2], low)   # east = right = larger x
+    assert np.array_equal(out[3], lump_in)
+    assert np.array_equal(out[4], pair_lump)
+
+
+def test_postprocess_thresholds_probabilities_and_keeps_dicts():
+    shape = (20, 20, 20)
+    organ = cube(shape, (2, 2, 2), (10, 10, 10))
+    noise = cube(shape, (15, 15, 15), (16, 16, 16))
+    probs = np.zeros((2, *shape), np.float16)
+    probs[0][organ] = 0.9
+    probs[0][noise] = 0.9
+    probs[1][cube(shape, (3, 3, 3), (5, 5, 5))] = 0.6
+    names = ["blob_organ", "lump"]
+    config = PostprocessConfig(thresholds={"lump": 0.7}, min_component_ml=0.005, keep_largest=False)
+    out = postprocess(probs, CATALOG, names, (1.0, 1.0, 1.0), RAS, config)
+    assert np.array_equal(out[0], organ)      # the 1-voxel (0.001 mL) noise is removed
+    assert not out[1].any()                   # 0.6 < the class threshold 0.7
+    as_dict = postprocess({name: out[i] for i, name in enumerate(names)}, CATALOG, names,
+                          (1.0, 1.0, 1.0), RAS, config)
+    assert isinstance(as_dict, dict) and np.array_equal(as_dict["blob_organ"], organ)
+
+
+def test_postprocess_multi_component_exemption_and_builtin_catalog():
+    catalog = ClassCatalog.builtin()
+    shape = (20, 20, 20)
+    two = cube(shape, (1, 1, 1), (5, 5, 5)) | cube(shape, (10, 10, 10), (12, 12, 12))
+    names = ["liver", "colon"]
+    out = postprocess({"liver": two, "colon": two}, catalog, names, (1.0, 1.0, 1.0), RAS,
+                      PostprocessConfig(min_component_ml=0.0, multi_component=("colon",)))
+    assert out["liver"].sum() == 64 and out["colon"].sum() == 72
+
+
+def test_merge_label_map_paints_tumours_over_organs():
+    catalog = ClassCatalog.builtin()
+    shape = (10, 10, 10)
+    liver = cube(shape, (0, 0, 0), (6, 6, 6))
+    tumour = cube(shape, (2, 2, 2), (4, 4, 4))
+    spleen = cube(shape, (8, 8, 8), (10, 10, 10))
+    names = ["liver_tumor", "liver", "spleen"]   # the tumour comes first in class order
+    label_map, table = merge_label_map({"liver_tumor": tumour, "liver": liver, "spleen": spleen}, names, catalog)
+    assert table == {1: "liver_tumor", 2: "liver", 3: "spleen"}
+    assert label_map.dtype == np.uint8
+    assert np.count_nonzero(label_map == 1) == 8
+    assert np.count_nonzero(label_map == 2) == 216 - 8
+    assert np.count_nonzero(label_map == 3) == 8
+    assert label_map[3, 3, 3] == 1 and label_map[0, 0, 0] == 2 and label_map[7, 7, 7] == 0
+
+
+def test_body_midline_x():
+    image = np.full((10, 4, 4), -1000.0, np.float32)
+    image[6:10] = 40.0                               # body at indices 6..9, centre 7.5
+    assert body_midline_x(image, RAS) == pytest.approx(15.0)
+    assert body_midline_x(image, LAS) == pytest.approx(-15.0)
