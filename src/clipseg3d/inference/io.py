@@ -74,9 +74,10 @@ def is_nifti(path: Path) -> bool:
 
 
 def _is_dicom_file(path: Path) -> bool:
+    """A ``.dcm`` file, or a suffix-less file (not a DICOMDIR index) with the DICOM preamble."""
     if path.suffix.lower() == DICOM_SUFFIX:
         return True
-    if path.suffix or not path.is_file():
+    if path.suffix or path.name.upper() == "DICOMDIR" or not path.is_file():
         return False
     with open(path, "rb") as handle:
         handle.seek(128)
@@ -114,8 +115,7 @@ def find_scans(inputs: Sequence[Path | str]) -> list[Path]:
         found.extend(sorted(folder for folder in item.rglob("*") if folder.is_dir() and _holds_dicom(folder)))
         if len(found) == before:
             raise ScanError(f"{item}: folder holds no NIfTI files and no DICOM series")
-    unique = list(dict.fromkeys(path.resolve() for path in found))
-    return unique
+    return list(dict.fromkeys(Path(os.path.abspath(path)) for path in found))
 
 
 def read_scan(path: Path | str) -> Scan:
@@ -164,7 +164,7 @@ def _read_dicom_series(folder: Path) -> Scan:
     reader = sitk.ImageSeriesReader()
     series_ids = reader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
-        raise ScanError(f"{folder}: no readable DICOM series")
+        raise ScanError(f"{folder}: not a DICOM series folder (no readable DICOM files)")
     if len(series_ids) > 1:
         raise ScanError(f"{folder}: holds {len(series_ids)} DICOM series; put each series in its own folder")
     files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
@@ -207,7 +207,7 @@ def _check_slice_positions(datasets: list, folder: Path) -> None:
                         "missing or duplicate slices?")
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(temp)`` on a temporary file next to ``path`` (same suffixes), then rename it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path | str, 
     image.set_qform(affine, code=qform_code)
     image.set_sform(affine, code=sform_code)
     image.header.set_xyzt_units("mm", "sec")
-    return _replace_atomically(path, lambda temp: nib.save(image, temp))
+    return replace_atomically(path, lambda temp: nib.save(image, temp))
 
 
 def _software_version() -> str:
@@ -259,8 +259,9 @@ def write_dicom_seg(masks: Mapping[str, np.ndarray], scan: Scan, path: Path | st
 
     ``masks`` maps class name to a mask on the scan grid (in class order); ``kinds`` maps class
     name to its catalog kind, so tumours are coded as neoplasms and the rest as organs. Only the
-    slices that hold a mask are referenced. Returns ``None`` (and writes nothing) when no class
-    is present.
+    slices that hold a mask are referenced, and the frames are built in memory (one byte per
+    voxel of those slices per present class). Returns ``None`` (and writes nothing) when no
+    class is present.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -296,4 +297,4 @@ def write_dicom_seg(masks: Mapping[str, np.ndarray], scan: Scan, path: Path | st
         series_description=series_description,
         # an empty character set (plain ASCII) in the source is not accepted; Latin-1 is a superset of it
         specific_character_set=scan.dicom_datasets[0].get("SpecificCharacterSet") or "ISO_IR 100")
-    return _replace_atomically(Path(path), lambda temp: seg.save_as(temp))
+    return replace_atomically(Path(path), lambda temp: seg.save_as(temp))

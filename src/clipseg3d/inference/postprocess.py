@@ -41,7 +41,8 @@ class PostprocessConfig:
         min_component_ml: organ (and other non-tumour) components smaller than this are removed.
         min_lesion_ml: tumour components smaller than this are removed.
         tumour_dilation_mm: a tumour voxel is kept only within this distance of a parent organ.
-        keep_largest: keep only the largest component of each organ (two for a left/right pair).
+        keep_largest: keep only the largest component of each organ-kind class (two for a
+            left/right pair); "other"-kind classes are left as they are.
         multi_component: organs exempt from ``keep_largest`` (e.g. structures that are
             legitimately fragmented in a scan).
     """
@@ -74,7 +75,7 @@ def _like_input(result: dict[str, np.ndarray], masks: Masks) -> Masks:
     return np.stack(list(result.values()))
 
 
-def _bbox(mask: np.ndarray, margin: Sequence[int] | int = 0) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray, margin: Sequence[int] | int = 0) -> tuple[slice, ...] | None:
     """Slices of the bounding box of ``mask`` grown by ``margin`` voxels per axis; None when empty."""
     margins = np.broadcast_to(np.asarray(margin, dtype=int), (mask.ndim,))
     box = []
@@ -88,7 +89,7 @@ def _bbox(mask: np.ndarray, margin: Sequence[int] | int = 0) -> tuple[slice, ...
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...]]:
     """Component labels inside the bounding box, voxel count per label (index 0 unused), and the box."""
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return np.zeros((0,) * mask.ndim, np.int32), np.zeros(1, np.int64), tuple(slice(0, 0) for _ in mask.shape)
     labels, count = ndimage.label(mask[box], structure=CONNECTIVITY)
@@ -99,7 +100,7 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[slice, 
 
 def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Centroid of ``mask`` in world millimetres."""
-    return nib.affines.apply_affine(affine, np.argwhere(mask).mean(axis=0))
+    return nib.affines.apply_affine(affine, ndimage.center_of_mass(mask))
 
 
 # -- rules ----------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def restrict_to_parents(tumour: np.ndarray, parents: np.ndarray, spacing: Sequen
     result = np.zeros(tumour.shape, dtype=bool)
     spacing = np.asarray(spacing, dtype=float)
     margin = np.ceil(dilation_mm / spacing).astype(int) + 1
-    outer = _bbox(tumour, margin)
+    outer = bounding_box(tumour, margin)
     if outer is None:
         return result
     parents, found = parents[outer], result[outer]
@@ -219,7 +220,11 @@ def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str],
 
     Float ``[K, ...]`` input is thresholded first with the config's thresholds. Organ rules run
     before tumour rules, so tumours are checked against cleaned parent organs; a tumour whose
-    parents are not among ``class_names`` is left unconstrained.
+    parents are not among ``class_names`` is left unconstrained. ``spacing`` is the voxel size
+    (mm) per array axis, ``affine`` maps voxels to RAS world mm, and ``midline_x`` is the RAS x
+    of the body midline for left/right pairs (see :func:`body_midline_x`; default: midway
+    between the pair's two components). The input is never modified; a returned dict may share
+    unchanged masks with it.
     """
     config = config or PostprocessConfig()
     if not isinstance(masks, Mapping) and np.issubdtype(np.asarray(masks).dtype, np.floating):
