@@ -1,0 +1,302 @@
+"""``clipseg3d index``: find a dataset's (image, label) pairs and write a JSON-lines manifest.
+
+The label map's ``layout`` says where the files are, relative to the dataset's root folder:
+
+- ``msd``: ``images`` (default ``imagesTr``) and ``labels`` (default ``labelsTr``) folders, or
+  lists of folders paired by position; an image and its label have the same file name.
+- ``nnunet``: as ``msd``, but the image is ``<case><channel>.nii.gz`` (``channel``, default
+  ``_0000``) and the label ``<case>.nii.gz``.
+- ``pairs``: ``images`` and ``labels`` glob patterns (one or a list; ``**`` recurses) and
+  ``image_match`` / ``label_match`` regular expressions whose first group is the case id,
+  searched in the path relative to the root; files they do not match are left out.
+- ``kits``: one folder per case (``cases``, default ``case_*``) holding ``image`` (default
+  ``imaging.nii.gz``) and ``label`` (default ``segmentation.nii.gz``).
+- ``totalseg``: one folder per case (``cases``, default ``s*``) holding ``image`` (default
+  ``ct.nii.gz``) and either ``label`` (default ``labels.nii.gz``, used when present) or a
+  ``segmentations`` folder of per-structure masks.
+
+Each manifest line: ``{"image", "label" (or "segmentations"), "dataset", "case"}`` with absolute
+paths; ``dataset`` is the built-in map's name or the label-map YAML's absolute path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from clipseg3d.data.labelmap import LabelMap, LabelMapError, available_label_maps
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class LayoutError(ValueError):
+    """A dataset folder that does not look like its label map's layout says."""
+
+
+def _abs(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _nifti_stem(path: Path) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+class _Finder:
+    """Finds the cases of one layout kind under a root."""
+
+    defaults: dict = {}
+    summary = ""
+
+    def __init__(self, layout: dict, root: Path, where: str) -> None:
+        unknown = set(layout) - set(self.defaults) - {"kind"}
+        if unknown:
+            raise LayoutError(f"{where}: layout {layout['kind']!r} has unknown key(s) {sorted(unknown)}; "
+                              f"known: {sorted(self.defaults)}")
+        self.options = {**self.defaults, **{k: v for k, v in layout.items() if k != "kind"}}
+        self.root, self.where = root, where
+
+    def expected(self) -> str:
+        return f"expected layout {self.summary.format(**self.options)} under {self.root}"
+
+    def fail(self, problem: str) -> LayoutError:
+        return LayoutError(f"{self.where}: {problem}; {self.expected()}")
+
+    def folder(self, name: str) -> Path:
+        path = self.root / name
+        if not path.is_dir():
+            raise self.fail(f"folder {path} does not exist")
+        return path
+
+    def find(self) -> list[dict]:
+        raise NotImplementedError
+
+
+class _Msd(_Finder):
+    defaults = {"images": "imagesTr", "labels": "labelsTr"}
+    summary = "'msd' ({images}/<case>.nii.gz with the same file name in {labels}/)"
+
+    def label_name(self, image: Path) -> str | None:
+        return image.name if _nifti_stem(image) else None
+
+    def case_of(self, label_name: str) -> str:
+        return _nifti_stem(Path(label_name)) or label_name
+
+    def find(self) -> list[dict]:
+        images, labels = _as_list(self.options["images"]), _as_list(self.options["labels"])
+        if len(images) != len(labels):
+            raise self.fail("'images' and 'labels' must list the same number of folders")
+        cases = []
+        for image_dir, label_dir in zip(images, labels):
+            image_dir, label_dir = self.folder(image_dir), self.folder(label_dir)
+            for image in sorted(filter(_visible, image_dir.iterdir())):
+                name = self.label_name(image)
+                if name is not None:
+                    label = label_dir / name
+                    cases.append({"image": image, "label": label if label.is_file() else None,
+                                  "expected": label, "case": self.case_of(name)})
+        return cases
+
+
+class _NnUnet(_Msd):
+    defaults = {"images": "imagesTr", "labels": "labelsTr", "channel": "_0000"}
+    summary = "'nnunet' ({images}/<case>{channel}.nii.gz with {labels}/<case>.nii.gz)"
+
+    def label_name(self, image: Path) -> str | None:
+        stem, channel = _nifti_stem(image), self.options["channel"]
+        if stem is None or not stem.endswith(channel):
+            return None
+        return stem[: -len(channel)] + image.name[len(stem):]
+
+
+class _Pairs(_Finder):
+    defaults = {"images": None, "labels": None, "image_match": None, "label_match": None}
+    summary = "'pairs' (images {images} matching {image_match!r}, labels {labels} matching {label_match!r})"
+
+    def files(self, patterns: str | Sequence[str], regex: str) -> dict[str, Path]:
+        try:
+            pattern = re.compile(regex)
+        except re.error as err:
+            raise LayoutError(f"{self.where}: layout 'pairs': bad regular expression {regex!r} ({err})") from err
+        if pattern.groups < 1:
+            raise LayoutError(f"{self.where}: layout 'pairs': {regex!r} needs a group for the case id")
+        found: dict[str, Path] = {}
+        for glob in _as_list(patterns):
+            for path in sorted(self.root.glob(glob)):
+                match = pattern.search(path.relative_to(self.root).as_posix())
+                if not match or not _visible(path):
+                    continue
+                case = match.group(1)
+                if case in found and found[case] != path:
+                    raise self.fail(f"case {case!r} matches both {found[case]} and {path}")
+                found[case] = path
+        return found
+
+    def find(self) -> list[dict]:
+        missing = [key for key, value in self.options.items() if not value]
+        if missing:
+            raise LayoutError(f"{self.where}: layout 'pairs' needs {missing}")
+        if not self.root.is_dir():
+            raise self.fail(f"folder {self.root} does not exist")
+        images = self.files(self.options["images"], self.options["image_match"])
+        labels = self.files(self.options["labels"], self.options["label_match"])
+        return [{"image": image, "label": labels.get(case), "case": case,
+                 "expected": f"a label matching {self.options['label_match']!r} with case id {case}"}
+                for case, image in sorted(images.items())]
+
+
+class _Kits(_Finder):
+    defaults = {"cases": "case_*", "image": "imaging.nii.gz", "label": "segmentation.nii.gz"}
+    summary = "'kits' ({cases}/{image} with {cases}/{label})"
+
+    def case_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise self.fail(f"folder {self.root} does not exist")
+        return sorted(p for p in self.root.glob(self.options["cases"]) if p.is_dir() and _visible(p))
+
+    def find(self) -> list[dict]:
+        cases = []
+        for folder in self.case_dirs():
+            image, label = folder / self.options["image"], folder / self.options["label"]
+            if image.is_file():
+                cases.append({"image": image, "label": label if label.is_file() else None,
+                              "expected": label, "case": folder.name})
+        return cases
+
+
+class _TotalSeg(_Kits):
+    defaults = {"cases": "s*", "image": "ct.nii.gz", "label": "labels.nii.gz", "segmentations": "segmentations"}
+    summary = "'totalseg' ({cases}/{image} with {cases}/{label} or {cases}/{segmentations}/<name>.nii.gz)"
+
+    def find(self) -> list[dict]:
+        cases = []
+        for folder in self.case_dirs():
+            image, label = folder / self.options["image"], folder / self.options["label"]
+            masks = folder / self.options["segmentations"]
+            if not image.is_file():
+                continue
+            case = {"image": image, "case": folder.name, "expected": f"{label} or {masks}/"}
+            if label.is_file():
+                case["label"] = label
+            elif masks.is_dir() and any(_nifti_stem(p) for p in masks.iterdir()):
+                case["segmentations"] = masks
+            else:
+                case["label"] = None
+            cases.append(case)
+        return cases
+
+
+LAYOUTS: dict[str, Callable[..., _Finder]] = {
+    "msd": _Msd, "nnunet": _NnUnet, "pairs": _Pairs, "kits": _Kits, "totalseg": _TotalSeg,
+}
+
+
+def _find_cases(dataset: str | Path, root: Path, label_map: LabelMap | None,
+                skip_unlabelled: bool) -> tuple[list[dict], list[str]]:
+    """Manifest records and the images skipped for having no label."""
+    label_map = label_map if label_map is not None else LabelMap.load(dataset)
+    where = f"{dataset}"
+    kind = label_map.layout.get("kind")
+    if kind not in LAYOUTS:
+        raise LayoutError(f"{where}: layout kind {kind!r} is not one of {sorted(LAYOUTS)}")
+    finder = LAYOUTS[kind](label_map.layout, Path(root), where)
+    found = finder.find()
+    if not found:
+        raise finder.fail("no image found")
+    builtin = isinstance(dataset, str) and dataset in available_label_maps()
+    name = dataset if builtin else _abs(Path(dataset))
+    records, skipped, seen = [], [], set()
+    for case in found:
+        if "segmentations" not in case and case["label"] is None:
+            if not skip_unlabelled:
+                raise finder.fail(f"image {_abs(case['image'])} has no label (looked for {case['expected']}; "
+                                  "--skip-unlabelled leaves such images out)")
+            skipped.append(_abs(case["image"]))
+            continue
+        if case["case"] in seen:
+            raise finder.fail(f"case id {case['case']!r} occurs twice")
+        seen.add(case["case"])
+        key = "label" if "label" in case else "segmentations"
+        records.append({"image": _abs(case["image"]), key: _abs(case[key]), "dataset": name, "case": case["case"]})
+    if not records:
+        raise finder.fail("every image lacks a label")
+    return records, skipped
+
+
+def index_dataset(dataset: str | Path, root: Path, label_map: LabelMap | None = None,
+                  skip_unlabelled: bool = False) -> list[dict]:
+    """Manifest records for the dataset under ``root``.
+
+    ``dataset``: a built-in label-map name or a label-map YAML path (used as each record's
+    ``dataset``); ``label_map``: the already loaded map, if any. An image without a label is an
+    error unless ``skip_unlabelled``.
+    """
+    return _find_cases(dataset, Path(root), label_map, skip_unlabelled)[0]
+
+
+def write_manifest(records: Sequence[dict], path: Path, overwrite: bool = False) -> None:
+    """Write one JSON object per line, atomically (temporary file + rename)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            for record in records:
+                stream.write(json.dumps(record) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipseg3d index",
+        description="Find a dataset's (image, label) pairs and write a JSON-lines manifest.",
+        epilog=f"built-in datasets: {', '.join(available_label_maps())}")
+    parser.add_argument("dataset", help="a built-in dataset name or a label-map YAML path")
+    parser.add_argument("root", type=Path, help="the dataset's root folder")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="manifest to write (.jsonl)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    parser.add_argument("--skip-unlabelled", action="store_true", help="leave out images that have no label")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``clipseg3d index DATASET ROOT -o manifest.jsonl``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.output.exists() and not args.overwrite:
+            raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+        records, skipped = _find_cases(args.dataset, args.root, None, args.skip_unlabelled)
+        write_manifest(records, args.output, overwrite=args.overwrite)
+    except (LayoutError, LabelMapError, FileExistsError, OSError) as err:
+        print(f"clipseg3d index: error: {err}", file=sys.stderr)
+        return 1
+    note = f" ({len(skipped)} images without a label left out)" if skipped else ""
+    print(f"wrote {len(records)} cases of {args.dataset} to {args.output}{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
