@@ -328,5 +328,5 @@ def test_monai_transforms(tmp_path, catalog):
     sample = load({"segmentations": str(masks)})
     assert tuple(sample["label"].shape) == (1, 8, 3, 3) and "segmentations" not in sample
     sample = LabelMapToTargetsd(label_map="totalsegmentator_v2", class_names=["spleen", "right_kidney"],
-                                image_key=None, catalog=catalog)(sample)
-    assert sample["label"].sum(dim=(1, 2, 3)).tolist() == [18, 18]
+                                image_key=None, catalog=catalog, target_key="target")(sample)
+    assert sample["target"].sum(dim=(1, 2, 3)).tolist() == [18, 18] and "label" not in sample

@@ -497,14 +497,19 @@ def _make_transforms() -> dict[str, type]:
         Place after LoadImaged + EnsureChannelFirstd (and Orientationd/Spacingd, nearest for
         labels), before cropping. If the image is still in HU it gives the body midline.
         ``label_map=None`` reads each sample's map from ``data[dataset_key]`` (a manifest line's
-        ``dataset``: built-in name or YAML path).
+        ``dataset``: built-in name or YAML path). With ``target_key`` the targets go to that key
+        and the raw label is dropped; by default they replace the raw label under its own key.
         """
 
         def __init__(self, keys=("label",), *, label_map: LabelMap | str | Path | None,
                      class_names: Sequence[str], image_key: str | None = "image",
                      catalog: ClassCatalog | None = None, labelled_key: str = "labelled",
-                     dataset_key: str = "dataset", allow_missing_keys: bool = False) -> None:
+                     dataset_key: str = "dataset", target_key: str | None = None,
+                     allow_missing_keys: bool = False) -> None:
             super().__init__(keys, allow_missing_keys)
+            if target_key is not None and len(self.keys) != 1:
+                raise LabelMapError(f"target_key {target_key!r} needs exactly one label key, got {self.keys}")
+            self.target_key = target_key
             self.catalog = catalog or load_catalog()
             self.class_names = self.catalog.resolve(class_names)
             self.image_key, self.labelled_key, self.dataset_key = image_key, labelled_key, dataset_key
@@ -531,8 +536,10 @@ def _make_transforms() -> dict[str, type]:
                 hu = _numpy(image[0]) if image is not None else None
                 targets, labelled, _ = label_map.to_targets(_numpy(label[0]), _numpy(label.affine),
                                                             self.class_names, image=hu, catalog=self.catalog)
-                d[key] = MetaTensor(torch.from_numpy(targets), meta=dict(label.meta),
-                                    applied_operations=list(label.applied_operations))
+                if self.target_key is not None:
+                    del d[key]
+                d[self.target_key or key] = MetaTensor(torch.from_numpy(targets), meta=dict(label.meta),
+                                                       applied_operations=list(label.applied_operations))
                 d[self.labelled_key] = torch.from_numpy(labelled)
             return d
 
