@@ -11,6 +11,7 @@ import yaml
 from scipy import ndimage
 
 from clipseg3d.catalog import ClassCatalog
+from clipseg3d.data import phantom
 from clipseg3d.data.labelmap import LabelMap
 from clipseg3d.data.phantom import (EXTRA_CLASSES, LESIONS, MARKER, MULTI_DATASETS, SITES, case_seed,
                                     generate_case, main, write_dataset, write_multi_dataset)
@@ -247,6 +248,8 @@ def test_write_dataset_labels_only_the_chosen_classes(tmp_path):
     assert set(np.unique(raw).tolist()) <= {0, 1, 2}
     with pytest.raises(ValueError, match="not drawn"):
         write_dataset(tmp_path / "bad", 1, seed=0, spacing=COARSE, classes=["heart"])
+    with pytest.raises(ValueError, match="name"):
+        write_dataset(tmp_path / "bad", 1, seed=0, spacing=COARSE, name="../up")
 
 
 def test_write_dataset_refuses_foreign_folders_and_replaces_its_own(tmp_path):
@@ -260,6 +263,31 @@ def test_write_dataset_refuses_foreign_folders_and_replaces_its_own(tmp_path):
     write_dataset(own, 1, seed=1, spacing=COARSE, tumours=False)
     assert sorted(p.name for p in (own / "imagesTr").iterdir()) == ["phantom_000.nii.gz"]
     assert json.loads((own / MARKER).read_text())["complete"] is True
+
+
+def test_a_failed_case_leaves_nothing_half_written(tmp_path, monkeypatch):
+    save = phantom._save_nifti
+
+    def fail_on_labels(array, affine, path):
+        if path.parent.name == "labelsTr":
+            raise OSError("disk full")
+        return save(array, affine, path)
+
+    monkeypatch.setattr(phantom, "_save_nifti", fail_on_labels)
+    with pytest.raises(OSError, match="disk full"):
+        write_dataset(tmp_path / "ds", 2, seed=0, spacing=COARSE)
+    assert [p for p in (tmp_path / "ds").rglob("*") if p.is_file()] == [tmp_path / "ds" / MARKER]
+    monkeypatch.setattr(phantom, "_save_nifti", save)
+    write_dataset(tmp_path / "ds", 1, seed=0, spacing=COARSE)       # the unfinished dataset may be redone
+    assert json.loads((tmp_path / "ds" / MARKER).read_text())["complete"] is True
+
+
+def test_parallel_workers_write_the_same_cases(tmp_path):
+    serial = write_dataset(tmp_path / "serial", 2, seed=8, spacing=COARSE)
+    parallel = write_dataset(tmp_path / "parallel", 2, seed=8, spacing=COARSE, workers=2)
+    for path in sorted(serial.rglob("*.nii.gz")):
+        other = parallel / path.relative_to(serial)
+        assert np.array_equal(np.asarray(nib.load(path).dataobj), np.asarray(nib.load(other).dataobj))
 
 
 def test_write_multi_dataset(tmp_path):

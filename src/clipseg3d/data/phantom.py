@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -413,7 +414,7 @@ def _catalog() -> ClassCatalog:
     catalog = ClassCatalog.builtin()
     catalog = catalog.extend(entry for name, entry in EXTRA_CLASSES.items() if name not in catalog)
     for name in [cls for _, cls, _ in TISSUES.values() if cls] + list(LESIONS):
-        catalog[name]
+        catalog[name]                     # raises CatalogError for a class the catalog lacks
     return catalog
 
 
@@ -424,7 +425,7 @@ def drawable_classes(extra_classes: Sequence[str] = ()) -> dict[int, str]:
     if unknown:
         raise ValueError(f"unknown extra class(es) {unknown}; the phantom can add: {', '.join(EXTRA_CLASSES)}")
     drawn = {cls for _, cls, _ in TISSUES.values() if cls} | set(LESIONS)
-    builtin = ClassCatalog.builtin().names
+    builtin = [entry.name for entry in catalog if entry.source == "built-in"]
     names = [name for name in builtin if name in drawn]
     values = {builtin.index(name) + 1: name for name in names}
     for name in EXTRA_CLASSES:
@@ -996,6 +997,8 @@ def write_dataset(out: Path, cases: int, seed: int, site: Site | str = "default"
     phantom dataset (which is replaced). ``workers`` > 1 generates cases in parallel processes.
     """
     out = Path(out)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"phantom dataset name {name!r}: use letters, digits, '_', '-' and '.' only")
     if not isinstance(cases, int) or cases < 1:
         raise ValueError(f"phantom dataset {out}: cases must be a positive integer, got {cases!r}")
     site = get_site(site)
@@ -1034,7 +1037,7 @@ def write_dataset(out: Path, cases: int, seed: int, site: Site | str = "default"
         "numTraining": cases, "numTest": 0,
         "training": [{"image": r["image"], "label": r["label"]} for r in records], "test": [],
     }
-    label_map = {"name": name, "title": f"clipseg3d synthetic CT phantom {name}",
+    label_map = {"name": name, "title": f"Synthetic CT phantom dataset {name!r} (clipseg3d)",
                  "source": f"clipseg3d.data.phantom (seed {seed}, stream {stream}, site {site.name})",
                  "label_count": len(labels), "layout": {"kind": "msd"}, "labels": labels}
     _write_json(out / "dataset.json", dataset)
