@@ -1087,7 +1087,8 @@ def _summary(folder: Path) -> str:
     marker = json.loads((folder / MARKER).read_text())
     shape = "x".join(map(str, marker["cases"][0]["shape"]))
     lesions = sum(len(c["lesions"]) for c in marker["cases"])
-    return (f"{folder}: {dataset['numTraining']} cases, {len(dataset['labels']) - 1} labels, site {marker['site']}, "
+    count = dataset["numTraining"]
+    return (f"{folder}: {count} case{'s' * (count != 1)}, {len(dataset['labels']) - 1} labels, site {marker['site']}, "
             f"{shape} voxels, {lesions} lesions")
 
 
