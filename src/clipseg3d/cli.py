@@ -33,9 +33,11 @@ class UniversalCLI(LightningCLI):
         parser.link_arguments("data.init_args.crop_size", "model.roi_size")
 
 
-def lightning_main(args: list[str] | None = None) -> UniversalCLI:
+def lightning_main(args: list[str] | None = None, run: bool = True) -> UniversalCLI:
+    """The LightningCLI; with ``run=False`` it only parses and instantiates (no subcommand)."""
     return UniversalCLI(
         UniversalSegmentation,
+        run=run,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf+"},

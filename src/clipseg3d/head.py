@@ -36,6 +36,19 @@ class DynamicHead(nn.Module):
         self.image_proj = nn.Linear(global_channels, hidden)
         self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(inplace=True))
         self.controller = nn.Linear(2 * hidden, self.num_params)
+        self.reset_controller()
+
+    @torch.no_grad()
+    def reset_controller(self) -> None:
+        """Start every class from one well-scaled convolution stack (He-initialised, via the bias).
+
+        With a plain linear initialisation the generated weights are tiny, the logits of all
+        classes start flat, and training idles for hundreds of steps before classes separate.
+        """
+        biases = []
+        for out, inp in self.layer_shapes:
+            biases += [torch.randn(out * inp) * (2.0 / inp) ** 0.5, torch.zeros(out)]
+        self.controller.bias.copy_(torch.cat(biases))
 
     def controller_input(self, global_feature: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """[B, K, 2*hidden]: every image feature paired with every class feature."""

@@ -51,7 +51,7 @@ def synthetic_volume(class_names: Sequence[str], size: Sequence[int], rng: np.ra
         parents = [p for p in entry.parents if p in shapes]
         parent = parents[rng.integers(len(parents))]
         centre, radii = shapes[parent]
-        radius = 0.5 * radii.min()
+        radius = 0.7 * radii.min()
         targets[k] = _ellipsoid(grid, centre + rng.uniform(-0.2, 0.2, 3) * radius, np.full(3, radius))
         targets[class_names.index(parent)] |= targets[k]
         parent_value = image[tuple(np.round(centre).astype(int))]
@@ -100,7 +100,7 @@ class SyntheticDataModule(L.LightningDataModule):
                  num_workers: int = 0, noise: float = 0.05, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.class_names = list(classes) if classes is not None else load_catalog(with_plugins=False).names
+        self.class_names = load_catalog().resolve(classes) if classes is not None else load_catalog(with_plugins=False).names
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams

@@ -1,0 +1,211 @@
+"""The multi-dataset CT DataModule: manifests in, K-channel targets and labelled masks out.
+
+Each manifest (JSON lines of ``image``, ``label`` or ``segmentations``, ``dataset``, ``case``;
+written by ``clipseg3d index``) is one dataset with its own label map, so each gets its own
+MONAI pipeline: load, RAS orientation, spacing, label map -> K-channel targets + ``labelled``,
+HU window -> [0, 1], foreground crop, then random crops that favour the classes the dataset
+labels (tumour classes weighted up). Datasets are mixed with a weighted sampler.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    OneOf,
+    Orientationd,
+    RandCropByLabelClassesd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
+
+from clipseg3d.catalog import load_catalog
+from clipseg3d.data.labelmap import LabelMap, LabelMapToTargetsd, LoadSegmentationsd
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read or points at missing files."""
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines manifest, with relative paths resolved against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{path}:{number}: not JSON ({err.msg})") from err
+        if "image" not in record or not ({"label", "segmentations"} & set(record)) or "dataset" not in record:
+            raise ManifestError(f"{path}:{number}: a record needs 'image', 'label' (or 'segmentations') and 'dataset'")
+        for key in ("image", "label", "segmentations"):
+            if key in record:
+                record[key] = str((path.parent / record[key]).resolve())
+        records.append(record)
+    if not records:
+        raise ManifestError(f"{path}: manifest is empty")
+    datasets = {record["dataset"] for record in records}
+    if len(datasets) > 1:
+        raise ManifestError(f"{path}: one manifest per dataset, found {sorted(datasets)}")
+    return records
+
+
+def resolve_label_map(dataset: str, manifest: Path) -> str:
+    """A dataset name as written in a manifest: a built-in map name or a YAML path (relative to the manifest)."""
+    candidate = manifest.parent / dataset
+    return str(candidate) if dataset.endswith((".yaml", ".yml")) and candidate.exists() else dataset
+
+
+class CTDataModule(L.LightningDataModule):
+    """Mixes partially labelled CT datasets given as manifests.
+
+    Args:
+        manifests: training manifests, one per dataset (``clipseg3d index`` writes them).
+        val_manifests: validation manifests; when empty, ``val_fraction`` of each training
+            manifest's cases is held out (chosen by ``seed``).
+        classes: the model's class names (linked from the model in configs).
+        spacing: target voxel spacing in mm (x, y, z after RAS orientation).
+        hu_window: HU range mapped to [0, 1] (clipped).
+        crop_size: training crop (and sliding-window) size.
+        samples_per_volume: crops taken from each loaded volume.
+        positive_fraction: share of crops centred on a labelled class (the rest are random).
+        tumour_crop_weight: how much more often a labelled tumour class is chosen as a crop centre.
+        dataset_weights: sampling weight per dataset name (default: every dataset equally often).
+        samples_per_epoch: volumes drawn per training epoch (default: the number of training cases).
+        cache: ``none``, ``memory`` (MONAI CacheDataset) or ``disk`` (PersistentDataset in ``cache_dir``).
+        batch_size: crops per training step (``batch_size / samples_per_volume`` volumes are loaded).
+        num_workers: loader worker processes.
+        seed: validation split and sampler seed.
+    """
+
+    def __init__(self, manifests: list[str] = (), val_manifests: list[str] = (), classes: list[str] | None = None,
+                 spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
+                 hu_window: tuple[float, float] = (-175.0, 250.0), crop_size: tuple[int, int, int] = (96, 96, 96),
+                 samples_per_volume: int = 2, positive_fraction: float = 0.9, tumour_crop_weight: float = 3.0,
+                 dataset_weights: dict[str, float] | None = None, samples_per_epoch: int | None = None,
+                 val_fraction: float = 0.2, cache: Literal["none", "memory", "disk"] = "none",
+                 cache_dir: str = ".cache/clipseg3d-data", batch_size: int = 2, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names = load_catalog().resolve(classes) if classes is not None else load_catalog(with_plugins=False).names
+
+    @property
+    def preprocessing(self) -> dict:
+        """What inference must repeat, recorded in checkpoints."""
+        return {"spacing": list(self.hparams.spacing), "hu_window": list(self.hparams.hu_window),
+                "orientation": "RAS"}
+
+    # -- pipelines ------------------------------------------------------------------------
+    def deterministic_transforms(self, label_map: LabelMap) -> list:
+        low, high = self.hparams.hu_window
+        return [
+            LoadImaged(keys=["image", "label"], image_only=True, allow_missing_keys=True),
+            LoadSegmentationsd(keys=("segmentations",), label_map=label_map, allow_missing_keys=True),
+            EnsureChannelFirstd(keys=["image", "label"]),
+            Orientationd(keys=["image", "label"], axcodes="RAS"),
+            Spacingd(keys=["image", "label"], pixdim=self.hparams.spacing, mode=("bilinear", "nearest")),
+            LabelMapToTargetsd(keys=("label",), label_map=label_map, class_names=self.class_names,
+                               image_key="image", target_key="target"),
+            ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+            CropForegroundd(keys=["image", "target"], source_key="image", margin=4, allow_smaller=True),
+            SpatialPadd(keys=["image", "target"], spatial_size=self.hparams.crop_size),
+            EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
+            EnsureTyped(keys=["target"], dtype=torch.uint8, track_meta=False),
+        ]
+
+    def crop_ratios(self, label_map: LabelMap) -> list[float]:
+        """Crop-centre weights per class: 0 for classes the dataset does not label."""
+        catalog = load_catalog()
+        labelled = set(label_map.labelled_classes)
+        return [0.0 if name not in labelled else
+                self.hparams.tumour_crop_weight if catalog[name].kind == "tumour" else 1.0
+                for name in self.class_names]
+
+    def random_crops(self, label_map: LabelMap) -> list:
+        h = self.hparams
+        keys = ["image", "target"]
+        by_class = RandCropByLabelClassesd(keys=keys, label_key="target", spatial_size=h.crop_size,
+                                           ratios=self.crop_ratios(label_map), num_classes=len(self.class_names),
+                                           num_samples=h.samples_per_volume, warn=False)
+        anywhere = RandSpatialCropSamplesd(keys=keys, roi_size=h.crop_size, num_samples=h.samples_per_volume,
+                                           random_size=False)
+        return [OneOf([by_class, anywhere], weights=[h.positive_fraction, 1.0 - h.positive_fraction])]
+
+    def _dataset(self, records: list[dict], label_map: LabelMap, train: bool):
+        deterministic = self.deterministic_transforms(label_map)
+        if self.hparams.cache == "memory":
+            base = CacheDataset(records, Compose(deterministic), num_workers=self.hparams.num_workers or None,
+                                progress=False)
+        elif self.hparams.cache == "disk":
+            base = PersistentDataset(records, Compose(deterministic), cache_dir=self.hparams.cache_dir)
+        else:
+            base = Dataset(records, Compose(deterministic))
+        return Dataset(base, Compose(self.random_crops(label_map))) if train else base
+
+    def _split(self, records: list[dict]) -> tuple[list[dict], list[dict]]:
+        if self.hparams.val_manifests or len(records) < 2:
+            return records, []
+        order = np.random.default_rng(self.hparams.seed).permutation(len(records))
+        held = max(1, int(round(self.hparams.val_fraction * len(records))))
+        return [records[i] for i in order[held:]], [records[i] for i in order[:held]]
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_sets"):
+            return
+        if not self.hparams.manifests and not self.hparams.val_manifests:
+            raise ManifestError("CTDataModule needs at least one manifest (--data.init_args.manifests=[...])")
+        catalog = load_catalog()
+        self.train_sets, self.val_sets = {}, []
+        for manifest in self.hparams.manifests:
+            records = read_manifest(manifest)
+            label_map = self._label_map(records[0]["dataset"], Path(manifest), catalog)
+            train, val = self._split(records)
+            self.train_sets[label_map.name] = (self._dataset(train, label_map, train=True), len(train))
+            if val:
+                self.val_sets.append(self._dataset(val, label_map, train=False))
+        for manifest in self.hparams.val_manifests:
+            records = read_manifest(manifest)
+            label_map = self._label_map(records[0]["dataset"], Path(manifest), catalog)
+            self.val_sets.append(self._dataset(records, label_map, train=False))
+
+    @staticmethod
+    def _label_map(dataset: str, manifest: Path, catalog) -> LabelMap:
+        return LabelMap.load(resolve_label_map(dataset, manifest), catalog=catalog).with_plugins(catalog=catalog)
+
+    def train_dataloader(self) -> DataLoader:
+        weights = self.hparams.dataset_weights or {}
+        datasets, sample_weights = [], []
+        for name, (dataset, count) in self.train_sets.items():
+            datasets.append(dataset)
+            sample_weights += [weights.get(name, 1.0) / count] * count
+        total = self.hparams.samples_per_epoch or len(sample_weights)
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        sampler = WeightedRandomSampler(sample_weights, num_samples=total, replacement=True, generator=generator)
+        return DataLoader(ConcatDataset(datasets), batch_size=max(1, self.hparams.batch_size //
+                                                                   self.hparams.samples_per_volume),
+                          sampler=sampler, num_workers=self.hparams.num_workers, collate_fn=list_data_collate,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_sets:
+            return []
+        return DataLoader(ConcatDataset(self.val_sets), batch_size=1, num_workers=self.hparams.num_workers,
+                          collate_fn=list_data_collate)
