@@ -21,12 +21,13 @@ class DynamicHead(nn.Module):
     """Controller + dynamic 1x1x1 convolutions producing one logit map per class."""
 
     def __init__(self, decoder_channels: int, global_channels: int, text_dim: int, hidden: int = 256,
-                 channels: int = 8, layers: int = 3, chunk_voxels: int = 4096):
+                 channels: int = 8, layers: int = 3, chunk_voxels: int = 4096, train_chunk_voxels: int = 32768):
         super().__init__()
         if layers < 1:
             raise ValueError("the dynamic head needs at least one layer")
         self.channels = channels
         self.chunk_voxels = chunk_voxels
+        self.train_chunk_voxels = train_chunk_voxels
         widths = [channels] * layers + [1]
         self.layer_shapes = list(zip(widths[1:], widths[:-1]))  # (out, in) per dynamic layer
         self.num_params = sum(out * inp + out for out, inp in self.layer_shapes)
@@ -83,15 +84,26 @@ class DynamicHead(nn.Module):
         # First layer shares each image's features across classes: one [K*out, in] matmul per image.
         w_first = w_first.reshape(batch, classes * w_first.shape[1], self.channels)
         b_first = b_first.reshape(batch, classes * b_first.shape[1], 1)
-        logits = flat.new_empty(batch, classes, voxels)
-        for start in range(0, voxels, self.chunk_voxels):
-            chunk = flat[:, :, start:start + self.chunk_voxels]
+        # Without autograd, small chunks land in one preallocated output. With it, every
+        # intermediate is kept for backward anyway, so chunks are larger (fewer allocations) and
+        # concatenated (slice assignment would make each chunk's backward copy the whole gradient).
+        training = torch.is_grad_enabled()
+        step = self.train_chunk_voxels if training else self.chunk_voxels
+        logits = None if training else flat.new_empty((batch, classes, voxels))
+        chunks = []
+        for start in range(0, voxels, step):
+            chunk = flat[:, :, start:start + step]
             hidden = torch.baddbmm(b_first, w_first, chunk)
             hidden = hidden.reshape(batch * classes, -1, chunk.shape[-1])
             for weight, bias in rest:
                 hidden = torch.relu_(hidden)
                 hidden = torch.baddbmm(bias, weight, hidden)
-            logits[:, :, start:start + chunk.shape[-1]] = hidden.reshape(batch, classes, -1)
+            if logits is None:
+                chunks.append(hidden.reshape(batch, classes, -1))
+            else:
+                logits[:, :, start:start + chunk.shape[-1]] = hidden.reshape(batch, classes, -1)
+        if logits is None:
+            logits = torch.cat(chunks, dim=-1)
         return logits.reshape(batch, classes, *spatial)
 
     def forward(self, decoder_map: torch.Tensor, global_feature: torch.Tensor,

@@ -147,7 +147,8 @@ class CTDataModule(L.LightningDataModule):
                                            num_samples=h.samples_per_volume, warn=False)
         anywhere = RandSpatialCropSamplesd(keys=keys, roi_size=h.crop_size, num_samples=h.samples_per_volume,
                                            random_size=False)
-        return [OneOf([by_class, anywhere], weights=[h.positive_fraction, 1.0 - h.positive_fraction])]
+        return [OneOf([by_class, anywhere], weights=[h.positive_fraction, 1.0 - h.positive_fraction]),
+                EnsureTyped(keys=keys, track_meta=False)]
 
     def _dataset(self, records: list[dict], label_map: LabelMap, train: bool):
         deterministic = self.deterministic_transforms(label_map)
