@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import wandb
+import yaml
 from PIL import Image
 
 from clipseg3d.callbacks import GAP_PX, HEADER_PX, LABEL_PX, ContourImages, pick_slices
@@ -146,3 +147,11 @@ def missing_keys(record, keys, timeout=10.0):
         if not missing or time.monotonic() > deadline:
             return missing
         time.sleep(0.2)
+
+
+def test_tiny_wandb_is_tiny_plus_tracking():
+    configs = [yaml.safe_load((REPO / "experiments" / name).read_text()) for name in ("tiny.yaml", "tiny_wandb.yaml")]
+    for config in configs:
+        for key in ("logger", "callbacks", "default_root_dir"):
+            config["trainer"].pop(key, None)
+    assert configs[0] == configs[1]
