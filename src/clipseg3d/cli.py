@@ -53,6 +53,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in TOOLS:
         module = importlib.import_module(TOOLS[argv[0]][0])
         return module.main(argv[1:])
-    lightning_main(argv)
+    lightning_main(None if from_command_line else argv)
     return 0
 
 
