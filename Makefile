@@ -32,6 +32,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/segment_memory.py --quick
 
 clean:

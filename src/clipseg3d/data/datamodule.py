@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
+    DeleteItemsd,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -88,6 +90,7 @@ class CTDataModule(L.LightningDataModule):
         samples_per_volume: crops taken from each loaded volume.
         positive_fraction: share of crops centred on a labelled class (the rest are random).
         tumour_crop_weight: how much more often a labelled tumour class is chosen as a crop centre.
+        max_crop_centres: candidate crop centres kept per class (a random subset of its voxels).
         dataset_weights: sampling weight per dataset name (default: every dataset equally often).
         samples_per_epoch: volumes drawn per training epoch (default: the number of training cases).
         cache: ``none``, ``memory`` (MONAI CacheDataset) or ``disk`` (PersistentDataset in ``cache_dir``).
@@ -101,7 +104,7 @@ class CTDataModule(L.LightningDataModule):
                  hu_window: tuple[float, float] = (-175.0, 250.0), crop_size: tuple[int, int, int] = (96, 96, 96),
                  samples_per_volume: int = 2, positive_fraction: float = 0.9, tumour_crop_weight: float = 3.0,
                  dataset_weights: dict[str, float] | None = None, samples_per_epoch: int | None = None,
-                 val_fraction: float = 0.2, cache: Literal["none", "memory", "disk"] = "none",
+                 max_crop_centres: int = 20000, val_fraction: float = 0.2, cache: Literal["none", "memory", "disk"] = "none",
                  cache_dir: str = ".cache/clipseg3d-data", batch_size: int = 2, num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
@@ -144,14 +147,18 @@ class CTDataModule(L.LightningDataModule):
         keys = ["image", "target"]
         by_class = RandCropByLabelClassesd(keys=keys, label_key="target", spatial_size=h.crop_size,
                                            ratios=self.crop_ratios(label_map), num_classes=len(self.class_names),
+                                           indices_key="target_cls_indices",
                                            num_samples=h.samples_per_volume, warn=False)
         anywhere = RandSpatialCropSamplesd(keys=keys, roi_size=h.crop_size, num_samples=h.samples_per_volume,
                                            random_size=False)
         return [OneOf([by_class, anywhere], weights=[h.positive_fraction, 1.0 - h.positive_fraction]),
-                EnsureTyped(keys=keys, track_meta=False)]
+                EnsureTyped(keys=keys, track_meta=False), DeleteItemsd(keys="target_cls_indices")]
 
     def _dataset(self, records: list[dict], label_map: LabelMap, train: bool):
         deterministic = self.deterministic_transforms(label_map)
+        if train:  # crop-centre candidates per class, computed once (and cached) rather than per crop
+            deterministic.append(ClassesToIndicesd(keys="target", num_classes=len(self.class_names),
+                                                   max_samples_per_class=self.hparams.max_crop_centres))
         if self.hparams.cache == "memory":
             base = CacheDataset(records, Compose(deterministic), num_workers=self.hparams.num_workers or None,
                                 progress=False)
