@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import yaml
 
 from clipseg3d.data.index import index_dataset, write_manifest
 from clipseg3d.data.labelmap import LabelMap
@@ -25,8 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "demo.yaml"
 REAL_CASE = REPO / ".." / "shared" / "data" / "totalseg-case"
 GOAL_CLASSES = ["liver", "spleen", "right_kidney", "left_kidney", "right_lung", "left_lung", "stomach", "aorta"]
-ORGANS = ["spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta", "postcava",
-          "pancreas", "right_lung", "left_lung"]
+ORGANS = ["spleen", "right_kidney", "left_kidney", "liver", "stomach", "aorta", "right_lung", "left_lung"]
 #: name -> (cases, seed, labelled classes, tumours every case must show)
 DATASETS = {
     "organs": (12, 1, ORGANS, ()),
@@ -34,6 +34,11 @@ DATASETS = {
     "kidney": (6, 3, ["right_kidney", "left_kidney", "kidney_tumor"], ("kidney_tumor",)),
 }
 HELD_OUT = ("heldout", 3, 99)
+
+
+def cli_classes() -> list[str]:
+    """The model's classes as ``experiments/demo.yaml`` lists them."""
+    return yaml.safe_load(CONFIG.read_text())["model"]["classes"]
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         manifests.append(out / f"{name}.jsonl")
         write_manifest(index_dataset(str(folder / f"{name}.yaml"), folder), manifests[-1], overwrite=True)
     held_name, held_cases, held_seed = HELD_OUT
-    model_classes = ORGANS + ["liver_tumor", "kidney_tumor"]
+    model_classes = cli_classes()
     held = write_dataset(out / "data" / held_name, held_cases, held_seed, classes=model_classes, name=held_name,
                          min_tumour_mm=12.0)
     print(f"phantoms written in {time.time() - started:.0f} s under {out / 'data'}")
