@@ -5,8 +5,10 @@ A plugin's entry point names an object that is, or returns when called, a mappin
     {"classes": [{"name": ..., "kind": ..., "parents": [...], ...}, ...],
      "label_maps": ["/path/to/dataset_extension.yaml", ...]}   # optional
 
-A plugin that fails to import or does not fit the catalog is reported and skipped; the rest
-keeps working.
+A label-map file is a label-map extension (see :meth:`clipseg3d.data.labelmap.LabelMap.extend`)
+whose ``extends`` names a built-in dataset label map. A plugin that fails to import or does not
+fit the catalog is reported and skipped; the rest keeps working. :func:`check` lists every
+problem of what is installed, one line each, naming the plugin.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+
+import yaml
 
 from clipseg3d.catalog import DEFAULT_PROMPT_TEMPLATE, CatalogError, ClassCatalog, ClassEntry
 
@@ -48,15 +52,17 @@ def _load(ep: EntryPoint) -> Plugin:
         spec = obj() if callable(obj) else obj
     except Exception as err:  # a plugin's own import error must not break the package
         raise PluginError(f"plugin {label}: cannot load {ep.value!r}: {type(err).__name__}: {err}") from err
-    if not isinstance(spec, dict) or not isinstance(spec.get("classes", []), list):
-        raise PluginError(f"plugin {label}: {ep.value!r} must give a mapping with a 'classes' list")
+    if not isinstance(spec, dict) or not isinstance(spec.get("classes", []), list) \
+            or not isinstance(spec.get("label_maps", []), list):
+        raise PluginError(f"plugin {label}: {ep.value!r} must give a mapping with a 'classes' list "
+                          "(and optionally a 'label_maps' list)")
     source = f"plugin {label}"
     template = spec.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
     try:
         classes = [ClassEntry.from_dict(item, template, source) for item in spec.get("classes", [])]
         for entry in classes:
             entry.check()
-    except CatalogError as err:
+    except (CatalogError, TypeError, ValueError) as err:
         raise PluginError(f"plugin {label}: {err}") from err
     return Plugin(ep.name, version, classes, [Path(p) for p in spec.get("label_maps", [])])
 
@@ -72,19 +78,74 @@ def discover() -> tuple[list[Plugin], list[str]]:
     return plugins, errors
 
 
+def resolve(catalog: ClassCatalog, plugins: list[Plugin]) -> tuple[ClassCatalog, list[Plugin], list[str]]:
+    """``catalog`` plus the classes of every plugin that fits, those plugins, and an error per misfit.
+
+    Each plugin's classes are added together or not at all (a clashing name or alias, or a
+    parent or partner found nowhere, leaves the plugin out). Plugins may name each other's
+    classes as parents or partners, whatever their order.
+    """
+    pending, accepted = list(plugins), []
+    failures: dict[str, CatalogError] = {}
+    progress = True
+    while pending and progress:
+        progress = False
+        for plugin in list(pending):
+            try:
+                catalog = catalog.extend(plugin.classes)
+            except CatalogError as err:
+                failures[plugin.name] = err
+                continue
+            accepted.append(plugin)
+            pending.remove(plugin)
+            progress = True
+    return catalog, accepted, [f"{plugin.source}: {failures[plugin.name]}" for plugin in pending]
+
+
 def extend_with_plugins(catalog: ClassCatalog, plugins: list[Plugin] | None = None,
                         errors: list[str] | None = None, warn: bool = True) -> ClassCatalog:
-    """``catalog`` plus each plugin's classes; a plugin that clashes is skipped with an error."""
+    """``catalog`` plus each plugin's classes; a plugin that does not fit is skipped with an error."""
+    errors = [] if errors is None else errors
     if plugins is None:
         plugins, found_errors = discover()
-        errors = found_errors if errors is None else errors + found_errors
-    errors = [] if errors is None else errors
-    for plugin in plugins:
-        try:
-            catalog = catalog.extend(plugin.classes)
-        except CatalogError as err:
-            errors.append(f"plugin {plugin.name} {plugin.version}: {err}")
+        errors = errors + found_errors
+    catalog, _, misfits = resolve(catalog, plugins)
+    errors = errors + misfits
     if warn:
         for line in errors:
             warnings.warn(line, stacklevel=2)
     return catalog
+
+
+def label_map_errors(catalog: ClassCatalog, plugins: list[Plugin]) -> list[str]:
+    """One line per plugin label-map file that cannot be read, names no built-in map, or does not
+    apply (unknown class, a raw value given twice, or one another plugin already maps)."""
+    from clipseg3d.data.labelmap import LabelMap, LabelMapError, available_label_maps
+
+    errors: list[str] = []
+    extended: dict[str, LabelMap] = {}
+    for plugin in plugins:
+        for path in plugin.label_maps:
+            try:
+                data = yaml.safe_load(Path(path).read_text())
+            except (OSError, yaml.YAMLError) as err:
+                errors.append(f"{plugin.source}: label map {path}: cannot be read ({err})")
+                continue
+            base = data.get("extends") if isinstance(data, dict) else None
+            if base not in available_label_maps():
+                errors.append(f"{plugin.source}: label map {path}: 'extends' must name a built-in dataset label map, "
+                              f"got {base!r}")
+                continue
+            try:
+                current = extended.get(base) or LabelMap.load(base, catalog=catalog)
+                extended[base] = current.extend(Path(path), catalog=catalog)
+            except (LabelMapError, CatalogError) as err:
+                errors.append(f"{plugin.source}: {err}")
+    return errors
+
+
+def check(catalog: ClassCatalog | None = None) -> tuple[ClassCatalog, list[Plugin], list[str]]:
+    """Everything installed: the full catalog, the plugins that fit, and one line per problem."""
+    plugins, errors = discover()
+    catalog, accepted, misfits = resolve(catalog or ClassCatalog.builtin(), plugins)
+    return catalog, accepted, errors + misfits + label_map_errors(catalog, accepted)

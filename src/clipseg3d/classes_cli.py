@@ -1,0 +1,80 @@
+"""``clipseg3d classes``: list the class catalog with each class's source, and check the plugins.
+
+``list`` prints every class (built-in and from plugins that load and fit), one line each, with
+its kind, relations and source; problems go to stderr. ``check`` validates what is installed
+(plugin imports, class names, parents and partners, plugin label maps) and exits 1 with one line
+per problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from clipseg3d.catalog import KINDS, ClassEntry
+from clipseg3d.plugins import check
+
+
+def _relations(entry: ClassEntry) -> str:
+    parts = []
+    if entry.parents:
+        parts.append(f"in {', '.join(entry.parents)}")
+    if entry.partner:
+        parts.append(f"{entry.side} of pair with {entry.partner}")
+    elif entry.side:
+        parts.append(entry.side)
+    return "; ".join(parts)
+
+
+def format_table(entries: Sequence[ClassEntry], prompts: bool = False) -> str:
+    """A plain-text table: name, kind, relations, source (and prompt)."""
+    header = ["name", "kind", "relations", "source"] + (["prompt"] if prompts else [])
+    rows = [[entry.name, entry.kind, _relations(entry) or "-", entry.source] + ([entry.prompt] if prompts else [])
+            for entry in entries]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipseg3d classes", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="every class with its kind, relations and source")
+    listing.add_argument("--kind", choices=KINDS, help="only classes of this kind")
+    listing.add_argument("--source", help="only classes whose source contains this text (e.g. built-in, a plugin)")
+    listing.add_argument("--prompts", action="store_true", help="show each class's text prompt")
+    commands.add_parser("check", help="validate the installed class plugins (exit 1 on any problem)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``clipseg3d classes``; 0 when fine, 1 when ``check`` finds problems."""
+    args = build_parser().parse_args(argv)
+    catalog, plugins, errors = check()
+    if args.command == "list":
+        entries = [entry for entry in catalog
+                   if (args.kind is None or entry.kind == args.kind)
+                   and (args.source is None or args.source.lower() in entry.source.lower())]
+        sys.stdout.write(format_table(entries, args.prompts))
+        for line in errors:
+            print(f"warning: {line}", file=sys.stderr)
+        return 0
+    for plugin in plugins:
+        maps = len(plugin.label_maps)
+        print(f"{plugin.source}: {len(plugin.classes)} class{'es' * (len(plugin.classes) != 1)}, "
+              f"{maps} label map{'s' * (maps != 1)}")
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    builtin = sum(entry.source == "built-in" for entry in catalog)
+    summary = (f"{len(catalog)} classes: {builtin} built-in, {len(catalog) - builtin} from {len(plugins)} "
+               f"plugin{'s' * (len(plugins) != 1)}")
+    if errors:
+        print(f"{summary}; {len(errors)} problem{'s' * (len(errors) != 1)}", file=sys.stderr)
+        return 1
+    print(f"{summary}; no problems")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
