@@ -1,6 +1,7 @@
 """Class plugins: discovery, `clipseg3d classes list/check`, broken plugins, the musculoskeletal plugin."""
 
 import configparser
+import shutil
 import subprocess
 import sys
 import warnings
@@ -218,8 +219,9 @@ def test_musculoskeletal_setup_declares_the_entry_point_and_packs_its_yaml(tmp_p
     config = configparser.ConfigParser()
     config.read(MUSCULOSKELETAL / "setup.cfg")
     assert config["options.entry_points"]["clipseg3d.classes"].strip() == "musculoskeletal = clipseg3d_musculoskeletal:plugin"
+    project = shutil.copytree(MUSCULOSKELETAL, tmp_path / "project")  # the build writes beside the sources
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                             "-w", str(tmp_path), str(MUSCULOSKELETAL)], capture_output=True, text=True)
+                             "-w", str(tmp_path), str(project)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     wheel = next(tmp_path.glob("clipseg3d_musculoskeletal-0.1.0-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
