@@ -140,6 +140,8 @@ class ModelGrid:
 def _interpolate_axis(volume: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of ``volume`` along ``dim`` at fractional ``positions`` (clamped to the edges)."""
     size = volume.shape[dim]
+    if len(positions) == size and torch.equal(positions, torch.arange(size, dtype=positions.dtype)):
+        return volume
     positions = positions.clamp(0, size - 1)
     low = positions.floor().long().clamp(max=max(size - 2, 0))
     high = (low + 1).clamp(max=size - 1)
@@ -245,7 +247,7 @@ def predict_probabilities(model: UniversalModel, image: torch.Tensor, class_indi
             predictor = flip_averaged(predictor, (3, 4))  # A-P and S-I; never left-right (see module docstring)
         logits = sliding_window_logits(image[None], predictor, len(class_indices), roi_size, overlap,
                                        sw_batch_size, device=device, progress=progress)
-    return [torch.sigmoid(channel.float()).half() for channel in logits]
+        return [channel.sigmoid_() for channel in logits]
 
 
 # -- per-scan outputs ---------------------------------------------------------------------------
@@ -316,6 +318,34 @@ def write_probability_nifti(probability: torch.Tensor, affine: np.ndarray, path:
     return replace_atomically(path, lambda temp: nib.save(image, temp))
 
 
+def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: Sequence[str],
+               catalog: ClassCatalog, config: PostprocessConfig,
+               save_probability: Callable[[str, torch.Tensor], None] | None = None,
+               ) -> tuple[dict[str, np.ndarray], list[np.ndarray | None]]:
+    """Thresholded masks on the scan grid, same-depth classes made exclusive (see module docstring).
+
+    Returns the masks and, per class, the float16 scan-grid probabilities of tumour classes
+    (``None`` for the others). ``probabilities`` (model grid) is consumed one class at a time;
+    ``save_probability(name, probability)`` sees each class's scan-grid probabilities.
+    """
+    levels = {name: depth(name, catalog) for name in class_names}
+    exclusive = DepthArgmax(grid.scan_shape, len(class_names))
+    masks: dict[str, np.ndarray] = {}
+    tumour_probabilities: list[np.ndarray | None] = []
+    for index, name in enumerate(class_names):
+        on_scan = grid.to_scan(probabilities[index])
+        probabilities[index] = None
+        masks[name] = (on_scan >= config.thresholds.get(name, config.default_threshold)).numpy()
+        exclusive.add(index + 1, levels[name], on_scan, masks[name])
+        if save_probability is not None:
+            save_probability(name, on_scan)
+        tumour_probabilities.append(on_scan.half().numpy() if catalog[name].kind == "tumour" else None)
+        del on_scan
+    for index, name in enumerate(class_names):
+        masks[name] = exclusive.keep(index + 1, levels[name], masks[name])
+    return masks, tumour_probabilities
+
+
 def write_scan_outputs(folder: Path, scan: Scan, grid: ModelGrid, probabilities: list[torch.Tensor],
                        class_names: Sequence[str], catalog: ClassCatalog, settings: OutputSettings,
                        provenance: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -326,22 +356,12 @@ def write_scan_outputs(folder: Path, scan: Scan, grid: ModelGrid, probabilities:
     """
     folder.mkdir(parents=True, exist_ok=True)
     config = settings.postprocess
-    levels = {name: depth(name, catalog) for name in class_names}
-    exclusive = DepthArgmax(scan.shape, len(class_names))
-    masks: dict[str, np.ndarray] = {}
-    tumour_probabilities: list[np.ndarray | None] = []
-    for index, name in enumerate(class_names):
-        on_scan = grid.to_scan(probabilities[index])
-        probabilities[index] = None
-        masks[name] = (on_scan >= config.thresholds.get(name, config.default_threshold)).numpy()
-        exclusive.add(index + 1, levels[name], on_scan, masks[name])
-        if settings.probabilities:
-            write_probability_nifti(on_scan, scan.affine, folder / "probabilities" / f"{name}.nii.gz")
-        tumour_probabilities.append(on_scan.half().numpy() if catalog[name].kind == "tumour" else None)
-        del on_scan
-    for index, name in enumerate(class_names):
-        masks[name] = exclusive.keep(index + 1, levels[name], masks[name])
-    del exclusive
+
+    def save(name: str, probability: torch.Tensor) -> None:
+        write_probability_nifti(probability, scan.affine, folder / "probabilities" / f"{name}.nii.gz")
+
+    masks, tumour_probabilities = scan_masks(grid, probabilities, class_names, catalog, config,
+                                             save if settings.probabilities else None)
     try:
         midline = body_midline_x(scan.array, scan.affine)
     except ValueError:
@@ -499,7 +519,7 @@ class Segmenter:
         image, grid = preprocess(scan, self.spacing, self.hu_window)
         indices = [self.model.class_names.index(name) for name in self.class_names]
         probabilities = predict_probabilities(self.model, image, indices, self.roi_size, self.overlap,
-                                              self.sw_batch_size, self.tta, self.device)
+                                              self.sw_batch_size, self.tta, self.device, progress=True)
         del image
         return write_scan_outputs(folder, scan, grid, probabilities, self.class_names, self.catalog, self.settings,
                                   self.provenance(scan))
