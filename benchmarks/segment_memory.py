@@ -170,11 +170,12 @@ def measure(method: str, folder: Path, threads: int, memory_limit_gb: float) -> 
 
     process = subprocess.run(command, capture_output=True, text=True, preexec_fn=cap_memory)
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    stages = [json.loads(line[len("STAGE "):]) for line in process.stdout.splitlines() if line.startswith("STAGE ")]
+    windows_peak = {"windows_peak_rss_gb": stages[-1]["peak_rss_gb"]} if stages else {}
     if process.returncode or not lines:
-        stages = [json.loads(line[len("STAGE "):]) for line in process.stdout.splitlines() if line.startswith("STAGE ")]
         error = (process.stderr.strip().splitlines() or [f"exit code {process.returncode}"])[-1]
-        return {**(stages[-1] if stages else {}), "error": error}
-    return json.loads(lines[-1][len("RESULT "):])
+        return {**(stages[-1] if stages else {}), **windows_peak, "error": error}
+    return {**json.loads(lines[-1][len("RESULT "):]), **windows_peak}
 
 
 def main() -> None:
@@ -199,18 +200,19 @@ def main() -> None:
         write_scan(folder / "scan.nii", shape)
         write_checkpoint(folder / "model.ckpt")
         scan_text = f"{shape[0]}x{shape[1]}x{shape[2]} @ {'x'.join(map(str, VOXEL_MM))} mm"
-        print("| scan | classes | method | threads | time (s) | windows (s) | to scan grid (s) | peak RSS (GB) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| scan | classes | method | threads | time (s) | windows (s) | to scan grid (s) "
+              "| peak RSS after windows (GB) | peak RSS (GB) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for method in args.methods:
             result = measure(method, folder, args.threads, args.memory_limit_gb)
-            stages = [f"{result[key]:.1f}" if key in result else "" for key in ("windows", "to_scan")]
+            cells = [f"{result[key]:.1f}" if key in result else "" for key in ("seconds", "windows", "to_scan")]
+            cells.append(f"{result['windows_peak_rss_gb']:.2f}" if "windows_peak_rss_gb" in result else "")
             if "error" in result:
-                peak = f"{result['peak_rss_gb']:.2f} before failing" if "peak_rss_gb" in result else ""
-                print(f"| {scan_text} | 32 | {method} | {args.threads} | failed: {result['error']} | {stages[0]} | "
-                      f"{stages[1]} | {peak} |", flush=True)
-                continue
-            print(f"| {scan_text} | 32 | {method} | {args.threads} | {result['seconds']:.1f} | {stages[0]} | "
-                  f"{stages[1]} | {result['peak_rss_gb']:.2f} |", flush=True)
+                cells[0] = f"failed: {result['error']}"
+                cells.append("")
+            else:
+                cells.append(f"{result['peak_rss_gb']:.2f}")
+            print(f"| {scan_text} | 32 | {method} | {args.threads} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
