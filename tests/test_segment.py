@@ -24,8 +24,10 @@ from clipseg3d.inference.overlay import LEGEND_COLUMN_PX, LEGEND_ROW_PX, GAP_PX,
 from clipseg3d.inference.segment import (
     ModelGrid,
     OutputSettings,
+    depth,
     flip_averaged,
     main,
+    nested_classes,
     output_names,
     predict_probabilities,
     preprocess,
@@ -163,6 +165,13 @@ def test_output_names_disambiguate_clashing_scan_names():
     scans = [Path("/data/a/CT"), Path("/data/b/CT"), Path("/data/ct.nii.gz"), Path("/data/x/y.nii.gz")]
     assert output_names(scans) == ["a_CT", "b_CT", "ct", "y"]
     assert output_names([Path("/d/ct.nii"), Path("/d/ct.nii.gz")]) == ["d_ct", "d_ct_2"]
+
+
+def test_depth_and_nesting_come_from_the_catalog_even_without_every_parent():
+    catalog = ClassCatalog.builtin().subset(["right_kidney", "kidney_tumor", "liver", "spleen"])
+    assert [depth(name, catalog) for name in catalog.names] == [0, 1, 0, 0]
+    assert nested_classes(catalog.names, catalog) == ["right_kidney", "kidney_tumor"]
+    assert nested_classes(["liver", "kidney_tumor"], catalog) == []
 
 
 def test_model_grid_refuses_an_oblique_mapping():

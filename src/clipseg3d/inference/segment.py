@@ -265,8 +265,9 @@ class OutputSettings:
 
 
 def depth(name: str, catalog: ClassCatalog) -> int:
-    """0 for a class without parents, else one more than its deepest parent (tumours: 1)."""
-    return 1 + max((depth(parent, catalog) for parent in catalog[name].parents), default=-1)
+    """0 for a class without parents, else one more than its deepest parent in ``catalog`` (tumours: 1)."""
+    parents = [parent for parent in catalog[name].parents if parent in catalog]
+    return 1 + max((depth(parent, catalog) for parent in parents), default=0) if catalog[name].parents else 0
 
 
 def nested_classes(class_names: Sequence[str], catalog: ClassCatalog) -> list[str]:
@@ -274,7 +275,7 @@ def nested_classes(class_names: Sequence[str], catalog: ClassCatalog) -> list[st
     present = set(class_names)
     chosen: set[str] = set()
     for name in class_names:
-        parents = {catalog[parent].name for parent in catalog[name].parents} & present
+        parents = {catalog[parent].name for parent in catalog[name].parents if parent in catalog} & present
         if parents:
             chosen |= parents | {name}
     return [name for name in class_names if name in chosen]
