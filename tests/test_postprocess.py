@@ -197,3 +197,22 @@ def test_body_midline_x():
     image[6:10] = 40.0                               # body at indices 6..9, centre 7.5
     assert body_midline_x(image, RAS) == pytest.approx(15.0)
     assert body_midline_x(image, LAS) == pytest.approx(-15.0)
+
+
+def test_relations_to_classes_outside_the_model_are_ignored():
+    """A model with one kidney and the kidney tumour: partner and second parent are absent."""
+    full = ClassCatalog.builtin()
+    model_catalog = ClassCatalog._unchecked([full["right_kidney"], full["kidney_tumor"]])
+    kidney = np.zeros((20, 20, 20), bool)
+    kidney[4:12, 4:12, 4:12] = True
+    kidney[16:18, 16:18, 16:18] = True  # a stray component
+    tumour = np.zeros_like(kidney)
+    tumour[6:9, 6:9, 6:9] = True
+    tumour[0:2, 18:20, 0:2] = True  # far outside the kidney
+    out = postprocess({"right_kidney": kidney, "kidney_tumor": tumour}, model_catalog,
+                      ["right_kidney", "kidney_tumor"], (1.0, 1.0, 1.0), np.eye(4),
+                      PostprocessConfig(min_component_ml=0.0, tumour_dilation_mm=1.0))
+    assert out["right_kidney"].sum() == 8 ** 3
+    assert out["kidney_tumor"].sum() == 27
+    label_map, table = merge_label_map(out, ["right_kidney", "kidney_tumor"], model_catalog)
+    assert table == {1: "right_kidney", 2: "kidney_tumor"} and (label_map == 2).sum() == 27

@@ -243,7 +243,7 @@ def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str],
         for name, entry in entries.items():
             if entry.kind != "organ" or name in done or name in exempt:
                 continue
-            partner = catalog[entry.partner].name if entry.partner else None
+            partner = _canonical(entry.partner, catalog) if entry.partner else None
             if partner in current and entry.side and entries[partner].side and partner not in exempt:
                 right, left = (name, partner) if entry.side == "right" else (partner, name)
                 current[right], current[left] = assign_pair_sides(current[right], current[left], affine, midline_x)
@@ -253,7 +253,7 @@ def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str],
                 done.add(name)
 
     for name, entry in entries.items():
-        parents = [catalog[parent].name for parent in entry.parents]
+        parents = [_canonical(parent, catalog) for parent in entry.parents]
         parents = [parent for parent in parents if parent in current]
         if entry.kind != "tumour" or not parents:
             continue
@@ -262,9 +262,17 @@ def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str],
     return _like_input(current, masks)
 
 
+def _canonical(name: str, catalog: ClassCatalog) -> str:
+    """A related class's canonical name; relations may name classes a model does not have."""
+    entry = catalog.get(name)
+    return entry.name if entry is not None else name
+
+
 def _specificity(name: str, catalog: ClassCatalog) -> int:
-    """0 for a class without parents, else one more than its most specific parent."""
-    entry = catalog[name]
+    """0 for a class without parents (or unknown), else one more than its most specific parent."""
+    entry = catalog.get(name)
+    if entry is None:
+        return 0
     return 1 + max((_specificity(parent, catalog) for parent in entry.parents), default=-1)
 
 
