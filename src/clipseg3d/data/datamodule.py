@@ -76,6 +76,27 @@ def resolve_label_map(dataset: str, manifest: Path) -> str:
     return str(candidate) if dataset.endswith((".yaml", ".yml")) and candidate.exists() else dataset
 
 
+class ScanDataset(torch.utils.data.Dataset):
+    """Whole scans for prediction: the network input and the scan's path, preprocessed as in training."""
+
+    def __init__(self, inputs: Sequence[str], spacing: Sequence[float], hu_window: Sequence[float]):
+        from clipseg3d.inference.io import find_scans
+
+        self.paths = find_scans([Path(path) for path in inputs])
+        self.spacing = spacing
+        self.hu_window = hu_window
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        from clipseg3d.inference.io import read_scan
+        from clipseg3d.inference.segment import preprocess
+
+        image, _ = preprocess(read_scan(self.paths[index]), self.spacing, self.hu_window)
+        return {"image": image, "image_path": str(self.paths[index])}
+
+
 class CTDataModule(L.LightningDataModule):
     """Mixes partially labelled CT datasets given as manifests.
 
@@ -94,6 +115,8 @@ class CTDataModule(L.LightningDataModule):
         dataset_weights: sampling weight per dataset name (default: every dataset equally often).
         samples_per_epoch: volumes drawn per training epoch (default: the number of training cases).
         cache: ``none``, ``memory`` (MONAI CacheDataset) or ``disk`` (PersistentDataset in ``cache_dir``).
+        predict_inputs: scans for ``clipseg3d predict`` (NIfTI files, folders of them, DICOM series
+            folders), written by :class:`~clipseg3d.inference.writer.SegmentationWriter`.
         batch_size: crops per training step (``batch_size / samples_per_volume`` volumes are loaded).
         num_workers: loader worker processes.
         seed: validation split and sampler seed.
@@ -105,7 +128,7 @@ class CTDataModule(L.LightningDataModule):
                  samples_per_volume: int = 2, positive_fraction: float = 0.9, tumour_crop_weight: float = 3.0,
                  dataset_weights: dict[str, float] | None = None, samples_per_epoch: int | None = None,
                  max_crop_centres: int = 20000, val_fraction: float = 0.2, cache: Literal["none", "memory", "disk"] = "none",
-                 cache_dir: str = ".cache/clipseg3d-data", batch_size: int = 2, num_workers: int = 0, seed: int = 0):
+                 cache_dir: str = ".cache/clipseg3d-data", predict_inputs: list[str] = (), batch_size: int = 2, num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.class_names = load_catalog().resolve(classes) if classes is not None else load_catalog(with_plugins=False).names
@@ -176,6 +199,8 @@ class CTDataModule(L.LightningDataModule):
         return [records[i] for i in order[held:]], [records[i] for i in order[:held]]
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return
         if hasattr(self, "train_sets"):
             return
         if not self.hparams.manifests and not self.hparams.val_manifests:
@@ -217,3 +242,9 @@ class CTDataModule(L.LightningDataModule):
             return []
         return DataLoader(ConcatDataset(self.val_sets), batch_size=1, num_workers=self.hparams.num_workers,
                           collate_fn=list_data_collate)
+
+    def predict_dataloader(self) -> DataLoader:
+        if not self.hparams.predict_inputs:
+            raise ManifestError("clipseg3d predict needs scans: --data.init_args.predict_inputs=[scan.nii.gz, ...]")
+        scans = ScanDataset(self.hparams.predict_inputs, self.hparams.spacing, self.hparams.hu_window)
+        return DataLoader(scans, batch_size=1, num_workers=self.hparams.num_workers)
