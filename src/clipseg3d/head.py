@@ -3,8 +3,15 @@
 For every (image, class) pair a controller turns [image feature ; class text feature] (each
 projected to ``hidden`` channels) into the weights of a tiny stack of 1x1x1 convolutions
 (``channels -> channels -> channels -> 1``) that runs on a ``channels``-wide projection of the
-decoder map and gives that class's logit map. The class set is whatever rows the embedding
+decoder map and gives that class's logit map. The class set is whatever rows the class-feature
 table passed to :meth:`DynamicHead.forward` has.
+
+Classes added to a trained model may each own a :class:`LowRankAdapter` that adds a low-rank,
+zero-initialised update to the controller's output for that class only. The class-feature table
+is then ``[text embedding ; adapter gates]``: one column per adapter, 1 in the rows of the class
+that owns it, 0 elsewhere. A row whose gates are all zero never touches an adapter, and classes
+without an adapter run as a group of their own, so that they give bit for bit the outputs they gave
+before classes were added (batched matrix products may round differently when the batch changes).
 
 The dynamic convolutions are batched over images and classes and run over the voxels in chunks
 with fused ``baddbmm`` + in-place ReLU, so the K x channels x voxels intermediates stay small
@@ -17,14 +24,36 @@ import torch
 from torch import nn
 
 
+class LowRankAdapter(nn.Module):
+    """A rank-``rank`` update ``up(down(x))`` of the controller; ``up`` starts at zero."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"adapter rank must be at least 1, got {rank}")
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
 class DynamicHead(nn.Module):
-    """Controller + dynamic 1x1x1 convolutions producing one logit map per class."""
+    """Controller + dynamic 1x1x1 convolutions producing one logit map per class.
+
+    ``adapters`` low-rank controller adapters (of rank ``adapter_rank``) are available to the
+    classes whose gate column selects them (see the module docstring).
+    """
 
     def __init__(self, decoder_channels: int, global_channels: int, text_dim: int, hidden: int = 256,
-                 channels: int = 8, layers: int = 3, chunk_voxels: int = 4096, train_chunk_voxels: int = 32768):
+                 channels: int = 8, layers: int = 3, chunk_voxels: int = 4096, train_chunk_voxels: int = 32768,
+                 adapters: int = 0, adapter_rank: int = 4):
         super().__init__()
         if layers < 1:
             raise ValueError("the dynamic head needs at least one layer")
+        self.text_dim = text_dim
         self.channels = channels
         self.chunk_voxels = chunk_voxels
         self.train_chunk_voxels = train_chunk_voxels
@@ -37,6 +66,8 @@ class DynamicHead(nn.Module):
         self.image_proj = nn.Linear(global_channels, hidden)
         self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(inplace=True))
         self.controller = nn.Linear(2 * hidden, self.num_params)
+        self.adapters = nn.ModuleList(LowRankAdapter(2 * hidden, self.num_params, adapter_rank)
+                                      for _ in range(adapters))
         self.reset_controller()
 
     @torch.no_grad()
@@ -58,9 +89,20 @@ class DynamicHead(nn.Module):
         batch, classes = image.shape[0], text.shape[0]
         return torch.cat([image[:, None].expand(batch, classes, -1), text[None].expand(batch, classes, -1)], dim=-1)
 
-    def class_parameters(self, global_feature: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """[B, K, num_params] dynamic-convolution parameters."""
-        return self.controller(self.controller_input(global_feature, text_embeddings))
+    def class_parameters(self, global_feature: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+        """[B, K, num_params] dynamic-convolution parameters from [K, text_dim + adapters] class features."""
+        if class_features.shape[-1] != self.text_dim + len(self.adapters):
+            raise ValueError(f"class features have {class_features.shape[-1]} columns; this head takes "
+                             f"{self.text_dim} text columns + {len(self.adapters)} adapter gates")
+        # contiguous: a strided view may take another matrix-product kernel and round differently
+        text, gates = class_features[:, :self.text_dim].contiguous(), class_features[:, self.text_dim:]
+        inputs = self.controller_input(global_feature, text)
+        params = self.controller(inputs)
+        for slot, adapter in enumerate(self.adapters):
+            rows = gates[:, slot].nonzero().flatten()
+            if rows.numel():
+                params = params.index_add(1, rows, adapter(inputs[:, rows]))
+        return params
 
     def split_parameters(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer: weights [B*K, out, in] and biases [B*K, out, 1]."""
@@ -107,7 +149,13 @@ class DynamicHead(nn.Module):
         return logits.reshape(batch, classes, *spatial)
 
     def forward(self, decoder_map: torch.Tensor, global_feature: torch.Tensor,
-                text_embeddings: torch.Tensor) -> torch.Tensor:
-        """Logits [B, K, *S] for the K classes whose embeddings are the rows of ``text_embeddings``."""
-        params = self.class_parameters(global_feature, text_embeddings)
-        return self.apply_dynamic(self.feature_proj(decoder_map), params)
+                class_features: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K, *S] for the K classes whose features are the rows of ``class_features``."""
+        features = self.feature_proj(decoder_map)
+        adapted = class_features[:, self.text_dim:].any(dim=1)
+        if adapted.all() or not adapted.any():
+            return self.apply_dynamic(features, self.class_parameters(global_feature, class_features))
+        groups = [(~adapted).nonzero().flatten(), adapted.nonzero().flatten()]
+        parts = [self.apply_dynamic(features, self.class_parameters(global_feature, class_features[rows]))
+                 for rows in groups]
+        return torch.cat(parts, dim=1)[:, torch.cat(groups).argsort()]

@@ -2,7 +2,8 @@
 
 A checkpoint written by the training task stores, beside the weights, everything needed to
 rebuild and run this module without the text encoder: class entries (names, prompts, relations),
-the embedding table, the text encoder's id, the backbone and head arguments, and the
+the embedding table, the text encoder's id, the backbone and head arguments, the classes that own
+an embedding residual and a controller adapter (classes added by fine-tuning), and the
 preprocessing (spacing, HU window, window size). :func:`load_model` reads it back.
 """
 
@@ -24,11 +25,16 @@ CHECKPOINT_VERSION = 1
 
 
 class UniversalModel(nn.Module):
-    """One network for many classes: each class is a row of ``class_embeddings``."""
+    """One network for many classes: each class is a row of ``class_embeddings``.
+
+    Each class named in ``adapted_classes`` also owns a trainable residual on its embedding
+    (``class_residuals``, zero at first) and a rank-``adapter_rank`` controller adapter in the
+    head; the other classes use neither.
+    """
 
     def __init__(self, backbone: Backbone, classes: Sequence[ClassEntry], embeddings: torch.Tensor,
                  text_encoder: str, head_hidden: int = 256, head_channels: int = 8, head_layers: int = 3,
-                 chunk_voxels: int = 4096):
+                 chunk_voxels: int = 4096, adapted_classes: Sequence[str] = (), adapter_rank: int = 4):
         super().__init__()
         if len(classes) != embeddings.shape[0]:
             raise ValueError(f"{len(classes)} classes but {embeddings.shape[0]} embeddings")
@@ -36,10 +42,23 @@ class UniversalModel(nn.Module):
         self.classes = list(classes)
         self.text_encoder = text_encoder
         self.register_buffer("class_embeddings", embeddings.float().clone())
+        unknown = [name for name in adapted_classes if name not in self.class_names]
+        if unknown or len(set(adapted_classes)) != len(adapted_classes):
+            raise ValueError(f"adapted classes {list(adapted_classes)} must be distinct model classes "
+                             f"(unknown: {unknown})")
+        self.adapted_classes = list(adapted_classes)
+        self.adapter_rank = adapter_rank
+        rows = torch.tensor([self.class_names.index(name) for name in self.adapted_classes], dtype=torch.long)
+        gates = torch.zeros(len(self.classes), len(rows))
+        gates[rows, torch.arange(len(rows))] = 1.0
+        self.register_buffer("adapted_rows", rows, persistent=False)
+        self.register_buffer("adapter_gates", gates, persistent=False)
+        self.class_residuals = nn.ParameterList(nn.Parameter(torch.zeros(embeddings.shape[1]))
+                                                for _ in self.adapted_classes)
         self.head_args = dict(hidden=head_hidden, channels=head_channels, layers=head_layers,
                               chunk_voxels=chunk_voxels)
         self.head = DynamicHead(backbone.out_channels, backbone.global_channels, embeddings.shape[1],
-                                **self.head_args)
+                                adapters=len(self.adapted_classes), adapter_rank=adapter_rank, **self.head_args)
 
     @property
     def class_names(self) -> list[str]:
@@ -51,8 +70,12 @@ class UniversalModel(nn.Module):
         return ClassCatalog._unchecked(self.classes)
 
     def text_features(self) -> torch.Tensor:
-        """The [K, D] class features the head sees (subclasses may add trainable offsets)."""
-        return self.class_embeddings
+        """The class features the head sees: [K, D] embeddings, plus residuals and [K, N] adapter
+        gates when N classes own adapters (rows may be selected; they stay self-contained)."""
+        if not self.adapted_classes:
+            return self.class_embeddings
+        embeddings = self.class_embeddings.index_add(0, self.adapted_rows, torch.stack(list(self.class_residuals)))
+        return torch.cat([embeddings, self.adapter_gates], dim=1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Logits [B, K, *S] for an image batch [B, 1, *S]."""
@@ -68,6 +91,7 @@ class UniversalModel(nn.Module):
             "embedding_dim": int(self.class_embeddings.shape[1]),
             "backbone": {"name": self.backbone.registry_name, "init_args": dict(self.backbone.init_args)},
             "head": dict(self.head_args),
+            "adapters": {"classes": list(self.adapted_classes), "rank": self.adapter_rank},
         }
 
     @classmethod
@@ -78,8 +102,10 @@ class UniversalModel(nn.Module):
         backbone = build_backbone(meta["backbone"]["name"], **meta["backbone"]["init_args"])
         embeddings = torch.zeros(len(classes), meta["embedding_dim"])
         head = meta["head"]
+        adapters = meta.get("adapters", {})
         return cls(backbone, classes, embeddings, meta["text_encoder"], head_hidden=head["hidden"],
-                   head_channels=head["channels"], head_layers=head["layers"], chunk_voxels=head["chunk_voxels"])
+                   head_channels=head["channels"], head_layers=head["layers"], chunk_voxels=head["chunk_voxels"],
+                   adapted_classes=adapters.get("classes", ()), adapter_rank=adapters.get("rank", 4))
 
 
 class CheckpointError(RuntimeError):
@@ -100,14 +126,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[UniversalModel, dict[str, Any]]:
-    """Rebuild a trained :class:`UniversalModel` from a checkpoint; returns it with the metadata."""
-    checkpoint = read_checkpoint(path)
-    meta = checkpoint[CHECKPOINT_KEY]
-    model = UniversalModel.from_metadata(meta)
+def restore_model(checkpoint: dict[str, Any], path: str | Path = "<checkpoint>") -> UniversalModel:
+    """The trained :class:`UniversalModel` of a checkpoint dict read by :func:`read_checkpoint`."""
+    model = UniversalModel.from_metadata(checkpoint[CHECKPOINT_KEY])
     prefix = "model."
     state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks weights for {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    return model.to(map_location).eval(), meta
+    return model
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[UniversalModel, dict[str, Any]]:
+    """Rebuild a trained :class:`UniversalModel` from a checkpoint; returns it with the metadata."""
+    checkpoint = read_checkpoint(path)
+    return restore_model(checkpoint, path).to(map_location).eval(), checkpoint[CHECKPOINT_KEY]

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 from torchmetrics.segmentation import DiceScore
 
 from clipseg3d.backbones import Backbone, UNetBackbone
 from clipseg3d.catalog import ClassCatalog, load_catalog
+from clipseg3d.finetune import FinetuneError, freeze, parameter_counts, start_from_checkpoint
 from clipseg3d.losses import PartialLabelLoss
 from clipseg3d.model import CHECKPOINT_KEY, UniversalModel
 from clipseg3d.text_encoder import DEFAULT_TEXT_ENCODER, EmbeddingCache, embed_prompts
@@ -30,6 +33,12 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float = 0.0):
     return factor
 
 
+def _dice_metrics(count: int) -> nn.ModuleList:
+    """One binary Dice metric per class."""
+    return nn.ModuleList(DiceScore(num_classes=1, include_background=True, average="none", input_format="one-hot")
+                         for _ in range(count))
+
+
 class UniversalSegmentation(L.LightningModule):
     """Backbone + class embeddings + dynamic head, trained with the partial-label loss.
 
@@ -37,9 +46,19 @@ class UniversalSegmentation(L.LightningModule):
         classes: class names (or aliases) from the catalog, built-in and plugins; ``None`` means
             the 32 built-in classes. Their order is the channel order everywhere.
         backbone: the encoder-decoder (``UNetBackbone``, ``SwinUNETRBackbone`` or a registered one).
-        text_encoder: Hugging Face id or local folder of the text encoder that embeds the prompts.
+        text_encoder: Hugging Face id or local folder of the text encoder that embeds the prompts
+            (default: the ``init_from`` checkpoint's, else all-MiniLM-L6-v2).
         embedding_cache: folder of the embedding cache (default ``$CLIPSEG3D_CACHE/embeddings``).
         head_hidden, head_channels, head_layers, head_chunk_voxels: dynamic head shape and chunking.
+        init_from: a trained checkpoint to start from (not a run to resume: that is ``--ckpt_path``).
+            Its backbone, head shape, weights and class embeddings are kept (the ``backbone`` and
+            head shape arguments do not apply); ``classes`` it lacks are added, each with its own
+            embedding residual and rank-``adapter_rank`` controller adapter (see
+            :mod:`clipseg3d.finetune`).
+        finetune: what trains after ``init_from``: ``full`` (everything), ``head`` (the whole head;
+            the backbone frozen in eval mode; validation also logs the old classes' Dice at the start
+            and its drift), ``new_classes`` (only the added classes' residuals and adapters).
+        adapter_rank: rank of the added classes' controller adapters.
         bce_weight, dice_weight: loss weights.
         lr, weight_decay, warmup_steps, min_lr_factor: AdamW with warm-up cosine, stepped per step.
         roi_size: sliding-window size for validation and inference (the training crop size).
@@ -50,12 +69,15 @@ class UniversalSegmentation(L.LightningModule):
         self,
         classes: list[str] | None = None,
         backbone: Backbone | None = None,
-        text_encoder: str = DEFAULT_TEXT_ENCODER,
+        text_encoder: str | None = None,
         embedding_cache: str | None = None,
         head_hidden: int = 256,
         head_channels: int = 8,
         head_layers: int = 3,
         head_chunk_voxels: int = 4096,
+        init_from: str | None = None,
+        finetune: Literal["full", "new_classes", "head"] = "full",
+        adapter_rank: int = 4,
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
         lr: float = 1e-4,
@@ -69,17 +91,40 @@ class UniversalSegmentation(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        catalog = load_catalog()
-        entries = [catalog[name] for name in classes] if classes is not None else list(ClassCatalog.builtin())
+        self.frozen_backbone = finetune != "full"
         cache = EmbeddingCache(embedding_cache) if embedding_cache else None
-        embeddings = embed_prompts([entry.prompt for entry in entries], text_encoder, cache=cache)
-        self.model = UniversalModel(backbone if backbone is not None else UNetBackbone(), entries, embeddings,
-                                    text_encoder, head_hidden=head_hidden, head_channels=head_channels,
-                                    head_layers=head_layers, chunk_voxels=head_chunk_voxels)
+        self.new_classes: list[str] = []
+        if init_from is None:
+            if finetune != "full":
+                raise FinetuneError(f"finetune={finetune!r} needs a trained checkpoint to start from (init_from)")
+            catalog = load_catalog()
+            entries = [catalog[name] for name in classes] if classes is not None else list(ClassCatalog.builtin())
+            text_encoder = text_encoder or DEFAULT_TEXT_ENCODER
+            embeddings = embed_prompts([entry.prompt for entry in entries], text_encoder, cache=cache)
+            self.model = UniversalModel(backbone if backbone is not None else UNetBackbone(), entries, embeddings,
+                                        text_encoder, head_hidden=head_hidden, head_channels=head_channels,
+                                        head_layers=head_layers, chunk_voxels=head_chunk_voxels)
+        else:
+            if backbone is not None:
+                raise FinetuneError(f"init_from={init_from!r} brings its own backbone; leave 'backbone' unset")
+            start = start_from_checkpoint(init_from, classes, text_encoder, cache=cache, adapter_rank=adapter_rank,
+                                          chunk_voxels=head_chunk_voxels)
+            if finetune == "new_classes" and not start.new_classes:
+                raise FinetuneError(f"finetune='new_classes': the class list adds nothing to {init_from} "
+                                    f"(it has {', '.join(start.model.class_names)})")
+            self.model, self.new_classes = start.model, start.new_classes
+            freeze(self.model, finetune, self.new_classes)
+        self.old_classes = [name for name in self.class_names if name not in self.new_classes]
+        if finetune == "head":
+            # The starting head, frozen: on the (frozen) backbone's features it gives the starting
+            # model's outputs, so validation can report how far the old classes have drifted.
+            self.reference_head = copy.deepcopy(self.model.head).requires_grad_(False)
+            rows = torch.tensor([self.class_names.index(name) for name in self.old_classes], dtype=torch.long)
+            self.register_buffer("reference_features", self.model.text_features().detach()[rows].clone(),
+                                 persistent=False)
+            self.start_dice = _dice_metrics(len(self.old_classes))
         self.loss = PartialLabelLoss(bce_weight, dice_weight)
-        self.val_dice = nn.ModuleList(
-            DiceScore(num_classes=1, include_background=True, average="none", input_format="one-hot")
-            for _ in entries)
+        self.val_dice = _dice_metrics(len(self.class_names))
         self.inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=sw_overlap,
                                             mode=sw_mode)
 
@@ -96,28 +141,75 @@ class UniversalSegmentation(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
+    def train(self, mode: bool = True) -> "UniversalSegmentation":
+        """Train mode for what trains; a frozen backbone and the reference head stay in eval mode."""
+        super().train(mode)
+        if self.frozen_backbone:
+            self.model.backbone.eval()
+        if hasattr(self, "reference_head"):
+            self.reference_head.eval()
+        return self
+
+    def _with_reference(self, image: torch.Tensor) -> torch.Tensor:
+        """Current logits of every class, then the starting head's logits of the old classes."""
+        decoder_map, global_feature = self.model.backbone(image)
+        current = self.model.head(decoder_map, global_feature, self.model.text_features())
+        start = self.reference_head(decoder_map, global_feature, self.reference_features)
+        return torch.cat([current, start], dim=1)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self.inferer(batch["image"], self.model)
-        self.log("val/loss", self.loss(logits, batch["target"], batch["labelled"]), batch_size=logits.shape[0])
-        prediction = (logits > 0).long()
         target = batch["target"].long()
         labelled = batch["labelled"].bool()
+        if hasattr(self, "reference_head"):
+            logits, start = self.inferer(batch["image"], self._with_reference).split(
+                [len(self.class_names), len(self.old_classes)], dim=1)
+            for j, metric in enumerate(self.start_dice):
+                k = self.class_names.index(self.old_classes[j])
+                if labelled[:, k].any():
+                    samples = labelled[:, k]
+                    metric.update((start[samples, j:j + 1] > 0).long(), target[samples, k:k + 1])
+        else:
+            logits = self.inferer(batch["image"], self.model)
+        self.log("val/loss", self.loss(logits, batch["target"], batch["labelled"]), batch_size=logits.shape[0])
+        prediction = (logits > 0).long()
         for k, metric in enumerate(self.val_dice):
             samples = labelled[:, k]
             if samples.any():
                 metric.update(prediction[samples, k:k + 1], target[samples, k:k + 1])
 
+    @staticmethod
+    def _score(metric: DiceScore) -> torch.Tensor | None:
+        """The epoch's Dice, or None when nothing was scored or the class was absent and not predicted."""
+        score = metric.compute().float() if metric.update_called else None
+        metric.reset()
+        return None if score is None or torch.isnan(score) else score
+
     def on_validation_epoch_end(self) -> None:
-        scores = []
+        scores = {}
         for name, metric in zip(self.class_names, self.val_dice):
-            if metric.update_called:
-                score = metric.compute().float()
-                if not torch.isnan(score):  # NaN: the class was absent and predicted absent everywhere
-                    self.log(f"val/dice/{name}", score)
-                    scores.append(score)
-            metric.reset()
+            score = self._score(metric)
+            if score is not None:
+                self.log(f"val/dice/{name}", score)
+                scores[name] = score
         if scores:
-            self.log("val/dice_mean", torch.stack(scores).mean(), prog_bar=True)
+            self.log("val/dice_mean", torch.stack(list(scores.values())).mean(), prog_bar=True)
+        drifts = []
+        for name, metric in zip(self.old_classes, getattr(self, "start_dice", [])):
+            start = self._score(metric)
+            if start is not None and name in scores:
+                self.log(f"val/dice_start/{name}", start)
+                self.log(f"val/dice_drift/{name}", scores[name] - start)
+                drifts.append(scores[name] - start)
+        if drifts:
+            self.log("val/dice_drift_mean", torch.stack(drifts).mean())
+
+    def on_train_start(self) -> None:
+        trainable, total = parameter_counts(self.model)
+        rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / total:.2f}%), "
+                       f"finetune={self.hparams.finetune}"
+                       + (f", new classes: {', '.join(self.new_classes)}" if self.new_classes else ""))
+        self.log("trainable_params", float(trainable))
+        self.log("trainable_fraction", trainable / total)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -136,6 +228,9 @@ class UniversalSegmentation(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         meta["preprocessing"] = {"roi_size": list(self.hparams.roi_size), "sw_overlap": self.hparams.sw_overlap,
                                  **getattr(datamodule, "preprocessing", {})}
+        if self.hparams.init_from is not None:
+            meta["finetune"] = {"init_from": str(self.hparams.init_from), "mode": self.hparams.finetune,
+                                "new_classes": list(self.new_classes)}
         checkpoint[CHECKPOINT_KEY] = meta
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
