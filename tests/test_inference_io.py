@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -116,7 +117,7 @@ def test_find_scans(tmp_path):
         (series / name).symlink_to(DICOM / name)
     assert find_scans([tmp_path]) == [a, b, series]
     assert find_scans([series / "01.dcm", a, tmp_path / "." / "a.nii.gz"]) == [series, a]
-    assert find_scans([DICOM]) == [DICOM.resolve()]
+    assert find_scans([DICOM]) == [Path(os.path.abspath(DICOM))]  # absolute, symlinks kept
     with pytest.raises(ScanError, match="no such file"):
         find_scans([tmp_path / "missing"])
     empty = tmp_path / "empty"
