@@ -124,8 +124,10 @@ def test_freeze_modes_choose_what_trains(start_ckpt, mode, trains):
     assert {part for part, params in parts.items() if all(p.requires_grad for p in params)} == trains
     trainable, total = parameter_counts(model)
     if mode == "new_classes":
-        rank, width = model.adapter_rank, 2 * model.head_args["hidden"]
-        assert trainable == model.class_embeddings.shape[1] + rank * width + model.head.num_params * (rank + 1)
+        rank, width, channels = model.adapter_rank, 2 * model.head_args["hidden"], model.head.channels
+        controller = rank * width + model.head.num_params * (rank + 1)
+        features = (model.backbone.out_channels + 1) * channels
+        assert trainable == model.class_embeddings.shape[1] + controller + features
 
 
 def test_finetuned_checkpoint_rebuilds_with_its_adapters_and_extends_again(start_ckpt, image, tmp_path):

@@ -6,12 +6,14 @@ projected to ``hidden`` channels) into the weights of a tiny stack of 1x1x1 conv
 decoder map and gives that class's logit map. The class set is whatever rows the class-feature
 table passed to :meth:`DynamicHead.forward` has.
 
-Classes added to a trained model may each own a :class:`LowRankAdapter` that adds a low-rank,
-zero-initialised update to the controller's output for that class only. The class-feature table
-is then ``[text embedding ; adapter gates]``: one column per adapter, 1 in the rows of the class
-that owns it, 0 elsewhere. A row whose gates are all zero never touches an adapter, and classes
-without an adapter run as a group of their own, so that they give bit for bit the outputs they gave
-before classes were added (batched matrix products may round differently when the batch changes).
+Classes added to a trained model may each own a :class:`ClassAdapter`: a low-rank update of the
+controller's output and an update of the decoder-map projection (a 1x1x1 convolution that lets
+the class read decoder channels the shared projection leaves out), both zero at the start and
+used by that class only. The class-feature table is then ``[text embedding ; adapter gates]``:
+one column per adapter, 1 in the row of the class that owns it, 0 elsewhere. Classes without an
+adapter run as a group of their own, untouched by any adapter, so they give bit for bit the
+outputs they gave before classes were added (batched matrix products may round differently when
+the batch changes, hence the separate group).
 
 The dynamic convolutions are batched over images and classes and run over the voxels in chunks
 with fused ``baddbmm`` + in-place ReLU, so the K x channels x voxels intermediates stay small
@@ -24,27 +26,32 @@ import torch
 from torch import nn
 
 
-class LowRankAdapter(nn.Module):
-    """A rank-``rank`` update ``up(down(x))`` of the controller; ``up`` starts at zero."""
+class ClassAdapter(nn.Module):
+    """One added class's own head parameters, all zero-started so the class starts unchanged.
 
-    def __init__(self, in_features: int, out_features: int, rank: int):
+    ``controller_update(x)``: rank-``rank`` update ``up(down(x))`` of the controller output;
+    ``features``: a 1x1x1 convolution of the normalised decoder map added to the class's features.
+    """
+
+    def __init__(self, controller_in: int, controller_out: int, rank: int, decoder_channels: int, channels: int):
         super().__init__()
         if rank < 1:
             raise ValueError(f"adapter rank must be at least 1, got {rank}")
-        self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, out_features)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.down = nn.Linear(controller_in, rank, bias=False)
+        self.up = nn.Linear(rank, controller_out)
+        self.features = nn.Conv3d(decoder_channels, channels, kernel_size=1)
+        for zero in (self.up.weight, self.up.bias, self.features.weight, self.features.bias):
+            nn.init.zeros_(zero)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def controller_update(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
 
 class DynamicHead(nn.Module):
     """Controller + dynamic 1x1x1 convolutions producing one logit map per class.
 
-    ``adapters`` low-rank controller adapters (of rank ``adapter_rank``) are available to the
-    classes whose gate column selects them (see the module docstring).
+    ``adapters`` class adapters (controller updates of rank ``adapter_rank``) serve the classes
+    whose gate column selects them (see the module docstring).
     """
 
     def __init__(self, decoder_channels: int, global_channels: int, text_dim: int, hidden: int = 256,
@@ -66,7 +73,7 @@ class DynamicHead(nn.Module):
         self.image_proj = nn.Linear(global_channels, hidden)
         self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(inplace=True))
         self.controller = nn.Linear(2 * hidden, self.num_params)
-        self.adapters = nn.ModuleList(LowRankAdapter(2 * hidden, self.num_params, adapter_rank)
+        self.adapters = nn.ModuleList(ClassAdapter(2 * hidden, self.num_params, adapter_rank, decoder_channels, channels)
                                       for _ in range(adapters))
         self.reset_controller()
 
@@ -101,7 +108,7 @@ class DynamicHead(nn.Module):
         for slot, adapter in enumerate(self.adapters):
             rows = gates[:, slot].nonzero().flatten()
             if rows.numel():
-                params = params.index_add(1, rows, adapter(inputs[:, rows]))
+                params = params.index_add(1, rows, adapter.controller_update(inputs[:, rows]))
         return params
 
     def split_parameters(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -151,11 +158,18 @@ class DynamicHead(nn.Module):
     def forward(self, decoder_map: torch.Tensor, global_feature: torch.Tensor,
                 class_features: torch.Tensor) -> torch.Tensor:
         """Logits [B, K, *S] for the K classes whose features are the rows of ``class_features``."""
-        features = self.feature_proj(decoder_map)
-        adapted = class_features[:, self.text_dim:].any(dim=1)
-        if adapted.all() or not adapted.any():
+        normalised = self.feature_proj[:-1](decoder_map)
+        features = self.feature_proj[-1](normalised)
+        gates = class_features[:, self.text_dim:]
+        adapted = gates.any(dim=1)
+        if not adapted.any():
             return self.apply_dynamic(features, self.class_parameters(global_feature, class_features))
-        groups = [(~adapted).nonzero().flatten(), adapted.nonzero().flatten()]
-        parts = [self.apply_dynamic(features, self.class_parameters(global_feature, class_features[rows]))
-                 for rows in groups]
-        return torch.cat(parts, dim=1)[:, torch.cat(groups).argsort()]
+        plain = (~adapted).nonzero().flatten()
+        rows = [plain] if plain.numel() else []
+        parts = [self.apply_dynamic(features, self.class_parameters(global_feature, class_features[plain]))] \
+            if plain.numel() else []
+        for row, slot in zip(adapted.nonzero().flatten(), gates[adapted].argmax(dim=1).tolist()):
+            own = features + self.adapters[slot].features(normalised)
+            parts.append(self.apply_dynamic(own, self.class_parameters(global_feature, class_features[row:row + 1])))
+            rows.append(row[None])
+        return torch.cat(parts, dim=1)[:, torch.cat(rows).argsort()]

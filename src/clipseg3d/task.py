@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 from torchmetrics.segmentation import DiceScore
@@ -113,6 +113,7 @@ class UniversalSegmentation(L.LightningModule):
                 raise FinetuneError(f"finetune='new_classes': the class list adds nothing to {init_from} "
                                     f"(it has {', '.join(start.model.class_names)})")
             self.model, self.new_classes = start.model, start.new_classes
+            self.start_preprocessing = start.meta.get("preprocessing", {})
             freeze(self.model, finetune, self.new_classes)
         self.old_classes = [name for name in self.class_names if name not in self.new_classes]
         if finetune == "head":
@@ -202,6 +203,15 @@ class UniversalSegmentation(L.LightningModule):
                 drifts.append(scores[name] - start)
         if drifts:
             self.log("val/dice_drift_mean", torch.stack(drifts).mean())
+
+    def on_fit_start(self) -> None:
+        """Warn when the data are prepared otherwise than for the ``init_from`` checkpoint."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data = getattr(datamodule, "preprocessing", {})
+        for key, value in getattr(self, "start_preprocessing", {}).items():
+            if key in data and key in ("spacing", "hu_window") and list(data[key]) != list(value):
+                rank_zero_warn(f"init_from {self.hparams.init_from}: the checkpoint was trained with {key} {value}, "
+                               f"the data give {list(data[key])}")
 
     def on_train_start(self) -> None:
         trainable, total = parameter_counts(self.model)
