@@ -70,8 +70,11 @@ class DynamicHead(nn.Module):
         groups = 16 if decoder_channels % 16 == 0 else 1
         self.feature_proj = nn.Sequential(nn.GroupNorm(groups, decoder_channels), nn.ReLU(inplace=True),
                                           nn.Conv3d(decoder_channels, channels, kernel_size=1))
-        self.image_proj = nn.Linear(global_channels, hidden)
-        self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(inplace=True))
+        # Both controller inputs are standardised first: the pooled bottleneck grows as the backbone
+        # trains (and the generated weights act multiplicatively, so an unnormalised input makes the
+        # logits blow up), and unit-norm text embeddings have components of only ~1/sqrt(text_dim).
+        self.image_proj = nn.Sequential(nn.LayerNorm(global_channels), nn.Linear(global_channels, hidden))
+        self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden), nn.ReLU(inplace=True))
         self.controller = nn.Linear(2 * hidden, self.num_params)
         self.adapters = nn.ModuleList(ClassAdapter(2 * hidden, self.num_params, adapter_rank, decoder_channels, channels)
                                       for _ in range(adapters))
