@@ -109,6 +109,17 @@ def test_pair_forming_one_component_keeps_voxel_labels():
     assert np.array_equal(new_right, right) and np.array_equal(new_left, left)
 
 
+def test_touching_pair_keeps_voxel_labels_beside_a_stray():
+    """Two organs touching form one component; a stray made the second-largest one must not
+    send the touching pair wholly to one side."""
+    shape = (30, 6, 6)
+    right, left = cube(shape, (14, 0, 0), (24, 6, 6)), cube(shape, (4, 0, 0), (14, 6, 6))
+    stray = cube(shape, (27, 0, 0), (29, 2, 2))
+    for midline in (None, 28.0):
+        new_right, new_left = assign_pair_sides(right, left | stray, RAS, midline_x=midline)
+        assert np.array_equal(new_right, right) and np.array_equal(new_left, left), midline
+
+
 def test_restrict_to_parents_in_mm_with_anisotropic_spacing():
     shape = (40, 40, 40)
     spacing = (1.0, 1.0, 4.0)

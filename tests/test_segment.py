@@ -249,7 +249,7 @@ def test_outputs_share_the_input_grid_and_report_matches_them(batch_run, scan_ke
         probability = nib.load(folder / "probabilities" / f"{name}.nii.gz")
         assert probability.get_data_dtype() == np.uint8 and probability.shape == source.shape
         values = probability.get_fdata()
-        assert 0.0 <= values.min() and values.max() <= 1.0
+        assert 0.0 <= values.min() and values.max() <= 1.0 + 1e-6  # 255 x the float32 slope 1/255
         if report["classes"][name]["present"]:
             assert values.max() >= report["settings"]["threshold"] - 1 / 255
 

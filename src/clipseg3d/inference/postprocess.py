@@ -29,6 +29,8 @@ Masks = Union[Mapping[str, np.ndarray], np.ndarray]
 # Voxels touching by a face, an edge or a corner belong to the same component.
 CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 BODY_HU = -500.0
+# A pair component in which each side's label holds at least this share is the two organs touching.
+PAIR_TOUCHING_SHARE = 0.1
 
 
 @dataclass
@@ -151,27 +153,30 @@ def assign_pair_sides(right: np.ndarray, left: np.ndarray, affine: np.ndarray,
                       midline_x: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Masks ``(right, left)`` of a left/right organ pair with stray and swapped components fixed.
 
-    The two largest components of the union are kept; each goes to the patient side its centroid
-    lies on: right when its RAS x exceeds ``midline_x`` (default: the midpoint of the two
-    centroids). A union that forms a single component keeps the voxel labels it had.
+    When the largest component of the union holds both labels (each at least
+    ``PAIR_TOUCHING_SHARE`` of it), it is the two organs touching: it alone is kept, with its
+    voxel labels. Otherwise the two largest components are kept and each goes to the patient side
+    its centroid lies on: right when its RAS x exceeds ``midline_x`` (default: the midpoint of the
+    two centroids); a single component without ``midline_x`` keeps its voxel labels.
     """
     union = right | left
     labels, sizes, box = _components(union)
-    order = np.argsort(sizes)[::-1][:2]
-    kept = [int(label) for label in order if sizes[label] > 0]
+    order = [int(label) for label in np.argsort(sizes)[::-1][:2] if sizes[label] > 0]
     new_right = np.zeros(union.shape, dtype=bool)
     new_left = np.zeros(union.shape, dtype=bool)
-    if len(kept) == 1:
-        component = labels == kept[0]
-        new_right[box] = component & right[box]
-        new_left[box] = component & left[box]
+    if not order:
         return new_right, new_left
-    if not kept:
+    largest = labels == order[0]
+    on_right = np.count_nonzero(largest & right[box])
+    if min(on_right, sizes[order[0]] - on_right) >= PAIR_TOUCHING_SHARE * sizes[order[0]] or \
+            (len(order) == 1 and midline_x is None):
+        new_right[box] = largest & right[box]
+        new_left[box] = largest & left[box]
         return new_right, new_left
     offset = np.eye(4)
     offset[:3, 3] = [piece.start for piece in box]
     box_affine = np.asarray(affine, dtype=float) @ offset
-    components = [labels == label for label in kept]
+    components = [labels == label for label in order]
     xs = [world_centroid(component, box_affine)[0] for component in components]
     middle = float(np.mean(xs)) if midline_x is None else float(midline_x)
     for component, x in zip(components, xs):
@@ -215,7 +220,7 @@ def restrict_to_parents(tumour: np.ndarray, parents: np.ndarray, spacing: Sequen
 # -- pipeline -------------------------------------------------------------------------------
 def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str], spacing: Sequence[float],
                 affine: np.ndarray, config: PostprocessConfig | None = None,
-                midline_x: float | None = None) -> Masks:
+                midline_x: float | None = None, in_place: bool = False) -> Masks:
     """Apply the rules of this module; returns bool masks in the input's container type.
 
     Float ``[K, ...]`` input is thresholded first with the config's thresholds. Organ rules run
@@ -223,13 +228,18 @@ def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str],
     parents are not among ``class_names`` is left unconstrained. ``spacing`` is the voxel size
     (mm) per array axis, ``affine`` maps voxels to RAS world mm, and ``midline_x`` is the RAS x
     of the body midline for left/right pairs (see :func:`body_midline_x`; default: midway
-    between the pair's two components). The input is never modified; a returned dict may share
-    unchanged masks with it.
+    between the pair's two components). The input is never modified (a returned dict may share
+    unchanged masks with it), unless ``in_place`` is set and ``masks`` is a dict of bool masks: its
+    entries are then replaced as each rule runs, so a replaced mask is freed at once and memory
+    stays near one bool volume per class.
     """
     config = config or PostprocessConfig()
     if not isinstance(masks, Mapping) and np.issubdtype(np.asarray(masks).dtype, np.floating):
         masks = threshold(masks, config.thresholds, class_names, config.default_threshold)
     current = {name: np.asarray(mask, dtype=bool) for name, mask in class_masks(masks, class_names).items()}
+    if in_place and isinstance(masks, dict):
+        masks.update(current)
+        current = masks
     entries = {name: catalog[name] for name in class_names}
     exempt = {catalog[name].name for name in config.multi_component}
 

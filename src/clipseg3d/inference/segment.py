@@ -368,7 +368,7 @@ def write_scan_outputs(folder: Path, scan: Scan, grid: ModelGrid, probabilities:
         midline = body_midline_x(scan.array, scan.affine)
     except ValueError:
         midline = None
-    masks = postprocess(masks, catalog, class_names, scan.spacing, scan.affine, config, midline)
+    masks = postprocess(masks, catalog, class_names, scan.spacing, scan.affine, config, midline, in_place=True)
     label_map, table = merge_label_map(masks, class_names, catalog)
     write_nifti_atomic(label_map, scan.affine, folder / "labels.nii.gz", dtype=label_map.dtype, header=scan.header)
     table_text = json.dumps({str(label): name for label, name in table.items()}, indent=2) + "\n"
