@@ -9,8 +9,10 @@ the same entry point.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -33,8 +35,15 @@ class UniversalCLI(LightningCLI):
         parser.link_arguments("data.init_args.crop_size", "model.roi_size")
 
 
+def quiet_gpu_decoder_notices() -> None:
+    """Silence MONAI's notice, repeated for every image loader, that the GPU DICOM decoder is absent."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
+
+
 def lightning_main(args: list[str] | None = None, run: bool = True) -> UniversalCLI:
     """The LightningCLI; with ``run=False`` it only parses and instantiates (no subcommand)."""
+    quiet_gpu_decoder_notices()
     return UniversalCLI(
         UniversalSegmentation,
         run=run,
@@ -57,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
+    quiet_gpu_decoder_notices()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(), end="")
         return 0

@@ -71,7 +71,7 @@ def print_table(title: str, rows: dict[str, list[float]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clipseg3d demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything is written")
-    parser.add_argument("--max-time", default="00:00:08:00", help="training time limit (DD:HH:MM:SS)")
+    parser.add_argument("--max-time", help="training time limit (DD:HH:MM:SS; default: the config's)")
     args = parser.parse_args(argv)
     from clipseg3d.cli import lightning_main
     from clipseg3d.inference import segment
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                          min_tumour_mm=12.0)
     print(f"phantoms written in {time.time() - started:.0f} s under {out / 'data'}")
 
+    overrides = [f"--trainer.max_time={args.max_time}"] if args.max_time else []
     cli = lightning_main(["--config", str(CONFIG), f"--data.init_args.manifests=[{','.join(map(str, manifests))}]",
-                          f"--trainer.max_time={args.max_time}", f"--trainer.default_root_dir={out / 'run'}"],
-                         run=False)
+                          f"--trainer.default_root_dir={out / 'run'}", *overrides], run=False)
     fit_start = time.time()
     cli.trainer.fit(cli.model, cli.datamodule)
     checkpoint = out / "demo.ckpt"

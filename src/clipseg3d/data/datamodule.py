@@ -146,7 +146,7 @@ class CTDataModule(L.LightningDataModule):
             LoadImaged(keys=["image", "label"], image_only=True, allow_missing_keys=True),
             LoadSegmentationsd(keys=("segmentations",), label_map=label_map, allow_missing_keys=True),
             EnsureChannelFirstd(keys=["image", "label"]),
-            Orientationd(keys=["image", "label"], axcodes="RAS"),
+            Orientationd(keys=["image", "label"], axcodes="RAS", labels=None),
             Spacingd(keys=["image", "label"], pixdim=self.hparams.spacing, mode=("bilinear", "nearest")),
             LabelMapToTargetsd(keys=("label",), label_map=label_map, class_names=self.class_names,
                                image_key="image", target_key="target"),
