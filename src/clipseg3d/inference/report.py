@@ -26,7 +26,12 @@ def _lesions(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, probs: np.nd
     centroids = np.array(ndimage.center_of_mass(mask[box], labels, index)).reshape(-1, 3)
     centroids += [piece.start for piece in box]
     world = nib.affines.apply_affine(affine, centroids)
-    peaks = ndimage.maximum(probs[box].astype(np.float32), labels, index) if probs is not None else None
+    peaks = None
+    if probs is not None:
+        values = probs[box].astype(np.float32)
+        if probs.dtype == np.uint8:  # probabilities stored as 0..255
+            values /= 255.0
+        peaks = ndimage.maximum(values, labels, index)
     lesions = []
     for number in np.argsort(-sizes, kind="stable"):
         lesion = {"volume_ml": round(float(sizes[number]) * voxel_ml, 6), "voxels": int(sizes[number]),
@@ -42,7 +47,7 @@ def build_report(masks: Masks, class_names: Sequence[str], catalog: ClassCatalog
     """Per-class presence and volume; for tumour classes the lesions (connected components).
 
     ``masks``: ``{name: mask}`` or a ``[K, ...]`` bool stack; ``probs``: optional ``[K, ...]``
-    probabilities (float16 is fine) giving each lesion's maximum probability. ``spacing``
+    probabilities (float, or uint8 read as value/255) giving each lesion's maximum probability. ``spacing``
     defaults to the voxel sizes of ``affine``. Lesion centroids are RAS world millimetres.
     """
     affine = np.asarray(affine, dtype=float)

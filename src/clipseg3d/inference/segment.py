@@ -16,8 +16,8 @@ Memory. The model grid's class probabilities never exist as one float32 K-channe
   output volume; this keeps 2 bytes per voxel and class.
 * The accumulators are turned into probabilities and resampled to the scan grid one class at
   a time (:meth:`ModelGrid.to_scan`), thresholded to a bool mask at once and freed. Only
-  tumour classes keep a float16 probability volume on the scan grid (for the lesions' peak
-  probability in the report).
+  tumour classes keep a probability volume on the scan grid, as uint8 0..255 (for the lesions'
+  peak probability in the report).
 
 So memory grows with the class count through float16 model-grid probabilities and bool
 scan-grid masks only (post-processing holds up to two bool masks per class).
@@ -309,9 +309,14 @@ class DepthArgmax:
         return mask & (self.levels[level][1] == label)
 
 
+def as_uint8(probability: torch.Tensor) -> np.ndarray:
+    """Probabilities (0..1) as uint8 0..255: a quarter of float32, and finer than the reports need."""
+    return torch.round(probability.float().clamp(0, 1) * 255).to(torch.uint8).numpy()
+
+
 def write_probability_nifti(probability: torch.Tensor, affine: np.ndarray, path: Path) -> Path:
     """``probability`` (0..1) as uint8 0..255 with scale slope 1/255, written atomically."""
-    data = torch.round(probability.float().clamp(0, 1) * 255).to(torch.uint8).numpy()
+    data = as_uint8(probability)
     image = nib.Nifti1Image(data, np.asarray(affine, dtype=float))
     image.header.set_slope_inter(1.0 / 255.0, 0.0)
     image.set_qform(affine, code=1)
@@ -326,7 +331,7 @@ def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: 
                ) -> tuple[dict[str, np.ndarray], list[np.ndarray | None]]:
     """Thresholded masks on the scan grid, same-depth classes made exclusive (see module docstring).
 
-    Returns the masks and, per class, the float16 scan-grid probabilities of tumour classes
+    Returns the masks and, per class, the uint8 (0..255) scan-grid probabilities of tumour classes
     (``None`` for the others). ``probabilities`` (model grid) is consumed one class at a time;
     ``save_probability(name, probability)`` sees each class's scan-grid probabilities.
     """
@@ -341,7 +346,7 @@ def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: 
         exclusive.add(index + 1, levels[name], on_scan, masks[name])
         if save_probability is not None:
             save_probability(name, on_scan)
-        tumour_probabilities.append(on_scan.half().numpy() if catalog[name].kind == "tumour" else None)
+        tumour_probabilities.append(as_uint8(on_scan) if catalog[name].kind == "tumour" else None)
         del on_scan
     for index, name in enumerate(class_names):
         masks[name] = exclusive.keep(index + 1, levels[name], masks[name])
