@@ -159,6 +159,21 @@ def test_postprocess_applies_catalog_rules_to_a_stack():
     assert np.array_equal(out[4], pair_lump)
 
 
+def test_postprocess_in_place_replaces_the_dict_entries_with_the_same_results():
+    shape = (40, 20, 20)
+    organ_main, organ_stray = cube(shape, (2, 2, 2), (10, 10, 10)), cube(shape, (30, 15, 15), (32, 17, 17))
+    lump = cube(shape, (4, 4, 4), (6, 6, 6)) | cube(shape, (4, 15, 15), (6, 17, 17))
+    names = ["blob_organ", "lump"]
+    config = PostprocessConfig(min_component_ml=0.0, tumour_dilation_mm=5.0)
+    given = {"blob_organ": organ_main | organ_stray, "lump": lump}
+    copied = postprocess(dict(given), CATALOG, names, (2.0, 2.0, 2.0), RAS, config)
+    before = {name: mask.copy() for name, mask in given.items()}
+    result = postprocess(given, CATALOG, names, (2.0, 2.0, 2.0), RAS, config, in_place=True)
+    assert result is given
+    assert all(np.array_equal(result[name], copied[name]) for name in names)
+    assert np.array_equal(result["blob_organ"], organ_main) and not np.array_equal(result["lump"], before["lump"])
+
+
 def test_postprocess_thresholds_probabilities_and_keeps_dicts():
     shape = (20, 20, 20)
     organ = cube(shape, (2, 2, 2), (10, 10, 10))
