@@ -169,4 +169,3 @@ def test_bad_finetune_requests_are_one_line_errors(start_ckpt, kwargs, message):
               for key, value in kwargs.items()}
     with pytest.raises(FinetuneError, match=message):
         UniversalSegmentation(**kwargs)
-
