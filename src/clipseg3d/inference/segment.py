@@ -20,7 +20,7 @@ Memory. The model grid's class probabilities never exist as one float32 K-channe
   peak probability in the report).
 
 So memory grows with the class count through float16 model-grid probabilities and bool
-scan-grid masks only (post-processing holds up to two bool masks per class).
+scan-grid masks only (post-processing replaces each mask in place, so it adds about one volume).
 
 The way back to the scan grid is a separable linear interpolation at the scan's voxel
 centres: the model grid is the scan grid permuted, flipped and rescaled per axis, so each axis
