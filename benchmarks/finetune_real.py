@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=Path, help="a checkpoint fitted on built-in classes (default: fit one)")
     parser.add_argument("--base-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
-    parser.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate")
+    parser.add_argument("--lr", type=float, default=3e-3, help="fine-tuning learning rate")
     parser.add_argument("--finetune", choices=["new_classes", "head"], default="new_classes")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)

@@ -126,7 +126,8 @@ def test_freeze_modes_choose_what_trains(start_ckpt, mode, trains):
     if mode == "new_classes":
         rank, width, channels = model.adapter_rank, 2 * model.head_args["hidden"], model.head.channels
         controller = rank * width + model.head.num_params * (rank + 1)
-        features = (model.backbone.out_channels + 1) * channels
+        between = 2 * channels  # 3x3x3 conv to twice the head's width, ReLU, 3x3x3 conv back
+        features = (model.backbone.out_channels * 27 + 1) * between + (between * 27 + 1) * channels
         assert trainable == model.class_embeddings.shape[1] + controller + features
 
 

@@ -3,8 +3,9 @@
 A model fitted on organs and liver tumours learns the phantom's spleen lesions (at least 15 mm)
 from the spleen-lesion plugin's prompt. Head-only (``new_classes``) fine-tuning must leave the
 backbone bit for bit and the old classes' logits as they were while the new class learns;
-whole-head fine-tuning must report the old classes' drift. The Dice floors are what these short
-CPU runs (a 300-step start model at 4 mm) reach with margin, not the issue's goals (0.5 and 0.7).
+whole-head fine-tuning must report the old classes' drift. Training crops are seeded, so a run
+repeats on one machine; these short CPU runs (a 300-step start model at 4 mm) reach lesion Dice
+0.44-0.57 depending on the seed and data (BENCHMARKS.md), and the floors sit below that range.
 """
 
 import logging
@@ -111,7 +112,7 @@ def test_head_only_finetuning_learns_the_lesion_and_leaves_the_rest_alone(start_
     start, _ = load_model(start_ckpt)
     with torch.no_grad():
         old_logits = start.eval()(fixed_input)
-    task, before, after, report = finetune(start_ckpt, manifests, "new_classes", 3e-2, 300, tmp_path, caplog)
+    task, before, after, report = finetune(start_ckpt, manifests, "new_classes", 3e-3, 300, tmp_path, caplog)
 
     tuned = task.model.eval()
     for (name, weight), (start_name, start_weight) in zip(tuned.backbone.state_dict().items(),
@@ -126,13 +127,13 @@ def test_head_only_finetuning_learns_the_lesion_and_leaves_the_rest_alone(start_
     for name in BASE_CLASSES:
         assert after[f"val/dice/{name}"] == pytest.approx(before[f"val/dice/{name}"], abs=1e-6), name
     gained = after[f"val/dice/{NEW}"] - before.get(f"val/dice/{NEW}", 0.0)
-    assert after[f"val/dice/{NEW}"] >= 0.15 and gained >= 0.08, (before, after)
+    assert after[f"val/dice/{NEW}"] >= 0.4 and gained >= 0.3, (before, after)
 
 
 def test_whole_head_finetuning_learns_the_lesion_and_reports_drift(start_ckpt, manifests, tmp_path, caplog):
-    task, before, after, report = finetune(start_ckpt, manifests, "head", 3e-3, 200, tmp_path, caplog)
+    task, before, after, report = finetune(start_ckpt, manifests, "head", 1e-3, 300, tmp_path, caplog)
     assert "finetune=head" in report
-    assert after[f"val/dice/{NEW}"] >= 0.15, after
+    assert after[f"val/dice/{NEW}"] >= 0.4, after
     for name in BASE_CLASSES:
         drift = after[f"val/dice_drift/{name}"]
         assert drift == pytest.approx(after[f"val/dice/{name}"] - after[f"val/dice_start/{name}"], abs=1e-6)

@@ -7,9 +7,10 @@ decoder map and gives that class's logit map. The class set is whatever rows the
 table passed to :meth:`DynamicHead.forward` has.
 
 Classes added to a trained model may each own a :class:`ClassAdapter`: a low-rank update of the
-controller's output and an update of the decoder-map projection (a 1x1x1 convolution that lets
-the class read decoder channels the shared projection leaves out), both zero at the start and
-used by that class only. The class-feature table is then ``[text embedding ; adapter gates]``:
+controller's output and an update of the decoder-map projection (two 3x3x3 convolutions that let
+the class read decoder channels the shared projection leaves out, in their neighbourhood: a lesion
+differs from its surroundings more than from a fixed value), both zero at the start and used by
+that class only. The class-feature table is then ``[text embedding ; adapter gates]``:
 one column per adapter, 1 in the row of the class that owns it, 0 elsewhere. Classes without an
 adapter run as a group of their own, untouched by any adapter, so they give bit for bit the
 outputs they gave before classes were added (batched matrix products may round differently when
@@ -30,7 +31,8 @@ class ClassAdapter(nn.Module):
     """One added class's own head parameters, all zero-started so the class starts unchanged.
 
     ``controller_update(x)``: rank-``rank`` update ``up(down(x))`` of the controller output;
-    ``features``: a 1x1x1 convolution of the normalised decoder map added to the class's features.
+    ``features``: 3x3x3 convolution (to twice the head's width), ReLU, 3x3x3 convolution of the
+    normalised decoder map (the last one zero-started), added to the class's features.
     """
 
     def __init__(self, controller_in: int, controller_out: int, rank: int, decoder_channels: int, channels: int):
@@ -39,8 +41,11 @@ class ClassAdapter(nn.Module):
             raise ValueError(f"adapter rank must be at least 1, got {rank}")
         self.down = nn.Linear(controller_in, rank, bias=False)
         self.up = nn.Linear(rank, controller_out)
-        self.features = nn.Conv3d(decoder_channels, channels, kernel_size=1)
-        for zero in (self.up.weight, self.up.bias, self.features.weight, self.features.bias):
+        width = 2 * channels
+        self.features = nn.Sequential(nn.Conv3d(decoder_channels, width, kernel_size=3, padding=1),
+                                      nn.ReLU(inplace=True),
+                                      nn.Conv3d(width, channels, kernel_size=3, padding=1))
+        for zero in (self.up.weight, self.up.bias, self.features[-1].weight, self.features[-1].bias):
             nn.init.zeros_(zero)
 
     def controller_update(self, x: torch.Tensor) -> torch.Tensor:

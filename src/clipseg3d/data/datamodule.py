@@ -10,6 +10,7 @@ labels (tumour classes weighted up). Datasets are mixed with a weighted sampler.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -17,6 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.data.utils import set_rnd
 from monai.transforms import (
     ClassesToIndicesd,
     Compose,
@@ -97,6 +99,14 @@ class ScanDataset(torch.utils.data.Dataset):
         return {"image": image, "image_path": str(self.paths[index])}
 
 
+def seed_worker(worker_id: int, seed: int) -> None:
+    """Reseed a loader worker's copy of the random transforms from ``seed`` and its own torch seed
+    (distinct per worker, drawn from the seeded generator), so workers neither repeat each other
+    nor depend on the OS."""
+    info = torch.utils.data.get_worker_info()
+    set_rnd(info.dataset, seed=seed + info.seed)
+
+
 class CTDataModule(L.LightningDataModule):
     """Mixes partially labelled CT datasets given as manifests.
 
@@ -119,7 +129,7 @@ class CTDataModule(L.LightningDataModule):
             folders), written by :class:`~clipseg3d.inference.writer.SegmentationWriter`.
         batch_size: crops per training step (``batch_size / samples_per_volume`` volumes are loaded).
         num_workers: loader worker processes.
-        seed: validation split and sampler seed.
+        seed: validation split, sampler and random-crop seed.
     """
 
     def __init__(self, manifests: list[str] = (), val_manifests: list[str] = (), classes: list[str] | None = None,
@@ -232,10 +242,12 @@ class CTDataModule(L.LightningDataModule):
         total = self.hparams.samples_per_epoch or len(sample_weights)
         generator = torch.Generator().manual_seed(self.hparams.seed)
         sampler = WeightedRandomSampler(sample_weights, num_samples=total, replacement=True, generator=generator)
-        return DataLoader(ConcatDataset(datasets), batch_size=max(1, self.hparams.batch_size //
-                                                                   self.hparams.samples_per_volume),
+        dataset = ConcatDataset(datasets)
+        # MONAI's random transforms otherwise draw from a state seeded by the OS at import
+        set_rnd(dataset, seed=self.hparams.seed)
+        return DataLoader(dataset, batch_size=max(1, self.hparams.batch_size // self.hparams.samples_per_volume),
                           sampler=sampler, num_workers=self.hparams.num_workers, collate_fn=list_data_collate,
-                          persistent_workers=self.hparams.num_workers > 0)
+                          worker_init_fn=partial(seed_worker, seed=self.hparams.seed), persistent_workers=self.hparams.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sets:
