@@ -247,7 +247,8 @@ class CTDataModule(L.LightningDataModule):
         set_rnd(dataset, seed=self.hparams.seed)
         return DataLoader(dataset, batch_size=max(1, self.hparams.batch_size // self.hparams.samples_per_volume),
                           sampler=sampler, num_workers=self.hparams.num_workers, collate_fn=list_data_collate,
-                          worker_init_fn=partial(seed_worker, seed=self.hparams.seed), persistent_workers=self.hparams.num_workers > 0)
+                          worker_init_fn=partial(seed_worker, seed=self.hparams.seed),
+                          persistent_workers=self.hparams.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sets:
