@@ -4,8 +4,9 @@ A model fitted on organs and liver tumours learns the phantom's spleen lesions (
 from the spleen-lesion plugin's prompt. Head-only (``new_classes``) fine-tuning must leave the
 backbone bit for bit and the old classes' logits as they were while the new class learns;
 whole-head fine-tuning must report the old classes' drift. Training crops are seeded, so a run
-repeats on one machine; these short CPU runs (a 300-step start model at 4 mm) reach lesion Dice
-0.44-0.57 depending on the seed and data (BENCHMARKS.md), and the floors sit below that range.
+repeats on one machine. Head-only, the lesion reaches the goal (Dice 0.53 from 0.09 with a 500-step
+start model at 4 mm); the whole-head floor (0.4) is below the goal of 0.7, which these short CPU
+runs do not reach (BENCHMARKS.md).
 """
 
 import logging
@@ -81,7 +82,7 @@ def start_ckpt(manifests, tmp_path_factory):
     task = UniversalSegmentation(classes=BASE_CLASSES, lr=3e-3, warmup_steps=20, roi_size=CROP, sw_overlap=0.25,
                                  backbone=UNetBackbone(channels=(16, 32, 64, 128), strides=(2, 2, 2),
                                                        out_channels=16, num_res_units=1))
-    fit = trainer(300, root)
+    fit = trainer(500, root)
     fit.fit(task, data(manifests, "base", BASE_CLASSES))
     fit.save_checkpoint(root / "start.ckpt")
     return root / "start.ckpt"
@@ -127,7 +128,7 @@ def test_head_only_finetuning_learns_the_lesion_and_leaves_the_rest_alone(start_
     for name in BASE_CLASSES:
         assert after[f"val/dice/{name}"] == pytest.approx(before[f"val/dice/{name}"], abs=1e-6), name
     gained = after[f"val/dice/{NEW}"] - before.get(f"val/dice/{NEW}", 0.0)
-    assert after[f"val/dice/{NEW}"] >= 0.4 and gained >= 0.3, (before, after)
+    assert after[f"val/dice/{NEW}"] >= 0.5 and gained >= 0.4, (before, after)
 
 
 def test_whole_head_finetuning_learns_the_lesion_and_reports_drift(start_ckpt, manifests, tmp_path, caplog):
