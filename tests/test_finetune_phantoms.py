@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from clipseg3d.backbones import UNetBackbone
+from clipseg3d.cli import main
 from clipseg3d.data.datamodule import CTDataModule
 from clipseg3d.data.index import index_dataset, write_manifest
 from clipseg3d.data.phantom import write_dataset
 from clipseg3d.inference.segment import class_predictor
 from clipseg3d.model import load_model
 from clipseg3d.task import UniversalSegmentation
+from conftest import REPO
 from plugins import SPLEEN_LESION, install_packaged
 
 BASE_CLASSES = ["spleen", "liver", "right_kidney", "left_kidney", "liver_tumor"]
@@ -138,3 +140,17 @@ def test_whole_head_finetuning_learns_the_lesion_and_reports_drift(start_ckpt, m
     for name in BASE_CLASSES:
         drift = after[f"val/dice_drift/{name}"]
         assert drift == pytest.approx(after[f"val/dice/{name}"] - after[f"val/dice_start/{name}"], abs=1e-6)
+
+
+def test_finetune_plugin_config_adds_the_lesion_to_a_checkpoint(start_ckpt, manifests, tmp_path, caplog):
+    """experiments/finetune_plugin.yaml as the README runs it, on this module's start model and data."""
+    classes = ",".join([*BASE_CLASSES, NEW])
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        assert main(["fit", "--config", str(REPO / "experiments" / "finetune_plugin.yaml"),
+                     f"--model.init_from={start_ckpt}", f"--model.classes=[{classes}]",
+                     f"--data.init_args.manifests=[{manifests['lesion']}]",
+                     f"--data.init_args.spacing=[{','.join(map(str, SPACING))}]", "--trainer.fast_dev_run=true",
+                     f"--trainer.default_root_dir={tmp_path}"]) == 0
+    report = next(record.getMessage() for record in caplog.records
+                  if record.getMessage().startswith("trainable parameters"))
+    assert report.endswith(f"finetune=new_classes, new classes: {NEW}")
