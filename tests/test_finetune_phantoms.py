@@ -4,9 +4,8 @@ A model fitted on organs and liver tumours learns the phantom's spleen lesions (
 from the spleen-lesion plugin's prompt. Head-only (``new_classes``) fine-tuning must leave the
 backbone bit for bit and the old classes' logits as they were while the new class learns;
 whole-head fine-tuning must report the old classes' drift. Training crops are seeded, so a run
-repeats on one machine. Head-only, the lesion reaches the goal (Dice 0.53 from 0.09 with a 500-step
-start model at 4 mm); the whole-head floor (0.4) is below the goal of 0.7, which these short CPU
-runs do not reach (BENCHMARKS.md).
+repeats on one machine: with a 500-step start model at 4 mm the lesion's held-out Dice goes from
+0.09 to 0.78 either way (BENCHMARKS.md).
 """
 
 import logging
@@ -136,7 +135,7 @@ def test_head_only_finetuning_learns_the_lesion_and_leaves_the_rest_alone(start_
 def test_whole_head_finetuning_learns_the_lesion_and_reports_drift(start_ckpt, manifests, tmp_path, caplog):
     task, before, after, report = finetune(start_ckpt, manifests, "head", 1e-3, 300, tmp_path, caplog)
     assert "finetune=head" in report
-    assert after[f"val/dice/{NEW}"] >= 0.4, after
+    assert after[f"val/dice/{NEW}"] >= 0.7, after
     for name in BASE_CLASSES:
         drift = after[f"val/dice_drift/{name}"]
         assert drift == pytest.approx(after[f"val/dice/{name}"] - after[f"val/dice_start/{name}"], abs=1e-6)

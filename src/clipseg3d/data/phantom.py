@@ -298,7 +298,8 @@ LESIONS: dict[str, dict[str, Any]] = {
     "pancreas_tumor": {"count": (0.75, 0.25), "diameter": (10.0, 30.0), "contrast": ((1.0, -30.0, -12.0),)},
     "lung_tumor": {"count": (0.6, 0.25, 0.15), "diameter": (5.0, 35.0), "hu": (20.0, 45.0)},
     "colon_tumor": {"count": (0.75, 0.25), "diameter": (15.0, 40.0), "hu": (35.0, 55.0)},
-    "spleen_lesion": {"count": (0.5, 0.35, 0.15), "diameter": (8.0, 30.0), "contrast": ((1.0, -35.0, -15.0),)},
+    # spleen lesions near water density (cysts, abscesses, lymphoma deposits), 30-60 HU below the spleen
+    "spleen_lesion": {"count": (0.5, 0.35, 0.15), "diameter": (8.0, 30.0), "contrast": ((1.0, -60.0, -30.0),)},
 }
 NECROSIS_MM = 25.0       # lesions at least this wide get a darker core ...
 NECROSIS_HU = 15.0       # ... this much darker
