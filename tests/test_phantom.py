@@ -13,8 +13,8 @@ from scipy import ndimage
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.data import phantom
 from clipseg3d.data.labelmap import LabelMap
-from clipseg3d.data.phantom import (EXTRA_CLASSES, LESIONS, MARKER, MULTI_DATASETS, SITES, case_seed,
-                                    generate_case, main, write_dataset, write_multi_dataset)
+from clipseg3d.data.phantom import (EXTRA_CLASSES, HU_JITTER, LESIONS, MARKER, MULTI_DATASETS, SITES, TISSUES,
+                                    case_seed, generate_case, main, write_dataset, write_multi_dataset)
 
 COARSE = (6.0, 6.0, 6.0)
 SEED = 11
@@ -193,10 +193,34 @@ def test_lesion_contrast_is_realistic(with_lesions):
             if lesion["class"] == "kidney_cyst":
                 assert 0 <= lesion["hu"] <= 10 + 5
             parent = [t.hu for t in case.tissues if t.cls == lesion["parent"] and t.parent is None][0]
-            if lesion["class"] in ("liver_tumor", "pancreas_tumor"):
+            if lesion["class"] in ("liver_tumor", "pancreas_tumor", "spleen_lesion"):
                 assert 10 <= abs(lesion["hu"] - parent) <= 40
-            if lesion["class"] == "spleen_lesion":
-                assert -60 <= lesion["hu"] - parent <= -30 and -30 <= lesion["hu"] <= 30
+
+
+def test_lesion_contrast_option_sets_only_the_lesions_hu(tmp_path):
+    kwargs = {"noise": False, "require_tumours": ("spleen_lesion",), "extra_classes": ("spleen_lesion",)}
+    plain = generate_case(2, **kwargs)
+    dark = generate_case(2, lesion_contrast={"spleen_lesion": (-60, -30)}, **kwargs)
+    spleen = [t.hu for t in dark.tissues if t.cls == "spleen" and t.parent is None][0]
+    shifted = [lesion for lesion in dark.lesions if lesion["class"] == "spleen_lesion"]
+    assert shifted and all(-60 <= lesion["hu"] - spleen <= -30 for lesion in shifted)
+    assert [{k: v for k, v in lesion.items() if k != "hu"} for lesion in dark.lesions] == \
+        [{k: v for k, v in lesion.items() if k != "hu"} for lesion in plain.lesions]
+    assert np.array_equal(dark.label, plain.label)
+    lesion = dark.label == values(dark)["spleen_lesion"]
+    assert dark.image[lesion].mean() < plain.image[lesion].mean() - 15
+    assert np.array_equal(dark.image[~ndimage.binary_dilation(lesion, iterations=3)],
+                          plain.image[~ndimage.binary_dilation(lesion, iterations=3)])
+    with pytest.raises(ValueError, match="'spleen' is not a lesion class"):
+        generate_case(2, lesion_contrast={"spleen": (-60, -30)})
+    assert main(["--out", str(tmp_path / "d"), "--cases", "2", "--seed", "2", "--spacing", *map(str, COARSE),
+                 "--extra-classes", "spleen_lesion", "--lesion-contrast", "spleen_lesion=-60,-30"]) == 0
+    marker = json.loads((tmp_path / "d" / MARKER).read_text())
+    assert marker["lesion_contrast"] == {"spleen_lesion": [-60.0, -30.0]}
+    drawn = [lesion["hu"] for case in marker["cases"] for lesion in case["lesions"]
+             if lesion["class"] == "spleen_lesion"]
+    nominal = TISSUES["spleen"][0]
+    assert drawn and all(nominal - 60 - HU_JITTER <= hu <= nominal - 30 + HU_JITTER for hu in drawn)
 
 
 def test_spleen_lesion_labelled_only_when_asked():

@@ -298,8 +298,7 @@ LESIONS: dict[str, dict[str, Any]] = {
     "pancreas_tumor": {"count": (0.75, 0.25), "diameter": (10.0, 30.0), "contrast": ((1.0, -30.0, -12.0),)},
     "lung_tumor": {"count": (0.6, 0.25, 0.15), "diameter": (5.0, 35.0), "hu": (20.0, 45.0)},
     "colon_tumor": {"count": (0.75, 0.25), "diameter": (15.0, 40.0), "hu": (35.0, 55.0)},
-    # spleen lesions near water density (cysts, abscesses, lymphoma deposits), 30-60 HU below the spleen
-    "spleen_lesion": {"count": (0.5, 0.35, 0.15), "diameter": (8.0, 30.0), "contrast": ((1.0, -60.0, -30.0),)},
+    "spleen_lesion": {"count": (0.5, 0.35, 0.15), "diameter": (8.0, 30.0), "contrast": ((1.0, -35.0, -15.0),)},
 }
 NECROSIS_MM = 25.0       # lesions at least this wide get a darker core ...
 NECROSIS_HU = 15.0       # ... this much darker
@@ -739,6 +738,19 @@ class _Room:
         return world
 
 
+def _lesion_contrast(ranges: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, float]]:
+    """Checked ``lesion_contrast``: lesion class -> (low, high) HU relative to the parent."""
+    checked = {}
+    for name, bounds in ranges.items():
+        if name not in LESIONS:
+            raise ValueError(f"lesion_contrast: {name!r} is not a lesion class ({', '.join(LESIONS)})")
+        low, high = (float(b) for b in bounds)
+        if low > high:
+            raise ValueError(f"lesion_contrast: {name} range ({low:g}, {high:g}) has low above high")
+        checked[name] = (low, high)
+    return checked
+
+
 def _lesion_hu(spec: Mapping, parent_hu: float, rng: np.random.Generator) -> float:
     if "hu" in spec:
         return float(rng.uniform(*spec["hu"]))
@@ -748,12 +760,14 @@ def _lesion_hu(spec: Mapping, parent_hu: float, rng: np.random.Generator) -> flo
 
 
 def _place_lesions(tissue: np.ndarray, tissues: list[Tissue], spacing: np.ndarray, world_axes,
-                   rng: np.random.Generator, min_mm: float, require: Sequence[str]) -> list[dict]:
+                   rng: np.random.Generator, min_mm: float, require: Sequence[str],
+                   contrast: Mapping[str, tuple[float, float]]) -> list[dict]:
     """Paint lesions into ``tissue`` (new tissue ids appended to ``tissues``); return their records.
 
     Each lesion is an ellipsoid (smallest diameter ``diameter_mm``) whose centre is at least its
     largest semi-axis plus one voxel below the parent's surface, so it lies wholly inside the parent
-    with a rim of parent around it; lesions keep apart by two voxels.
+    with a rim of parent around it; lesions keep apart by two voxels. ``contrast`` replaces a
+    class's HU with a (low, high) range relative to its parent.
     """
     catalog = _catalog()
     margin = float(spacing.max())
@@ -764,6 +778,8 @@ def _place_lesions(tissue: np.ndarray, tissues: list[Tissue], spacing: np.ndarra
         parent_hu.setdefault(t.cls, t.hu)
     records = []
     for name, spec in LESIONS.items():
+        if name in contrast:
+            spec = {**{k: v for k, v in spec.items() if k != "hu"}, "contrast": ((1.0, *contrast[name]),)}
         parents = catalog[name].parents
         low, high = max(spec["diameter"][0], min_mm), spec["diameter"][1]
         for _ in range(_draw_count(spec["count"], rng, name in require) if low <= high else 0):
@@ -819,14 +835,17 @@ def _paint_lesion(tissue: np.ndarray, tissues: list[Tissue], world_axes, centre:
 
 def generate_case(seed: int, site: Site | str = "default", spacing: Sequence[float] | None = None,
                   tumours: bool = True, extra_classes: Sequence[str] = (), *, noise: bool = True,
-                  min_tumour_mm: float = 5.0, require_tumours: Sequence[str] = ()) -> PhantomCase:
+                  min_tumour_mm: float = 5.0, require_tumours: Sequence[str] = (),
+                  lesion_contrast: Mapping[str, Sequence[float]] | None = None) -> PhantomCase:
     """One deterministic synthetic abdominal CT.
 
     ``site`` fixes grid, field of view, blur, noise and HU offset (``spacing`` overrides its
     spacing, keeping its field of view); ``tumours=False`` draws no lesions; ``extra_classes``
     labels extra classes (``spleen_lesion``) that are otherwise drawn under their parent's label;
     ``noise=False`` gives the noise-free image; lesions are at least ``min_tumour_mm`` wide and each
-    class in ``require_tumours`` gets at least one lesion where its parent has room.
+    class in ``require_tumours`` gets at least one lesion where its parent has room;
+    ``lesion_contrast`` maps a lesion class to its HU range (low, high) relative to its parent,
+    replacing the class's own (``{"spleen_lesion": (-60, -30)}``).
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"phantom seed must be a non-negative integer, got {seed!r}")
@@ -837,6 +856,7 @@ def generate_case(seed: int, site: Site | str = "default", spacing: Sequence[flo
     unknown = [name for name in require_tumours if name not in LESIONS]
     if unknown:
         raise ValueError(f"require_tumours: {unknown} are not lesion classes ({', '.join(LESIONS)})")
+    contrast = _lesion_contrast(lesion_contrast or {})
     spacing = np.asarray(site.spacing if spacing is None else spacing, float)
     if spacing.shape != (3,) or (spacing <= 0).any():
         raise ValueError(f"spacing must be three positive numbers (mm), got {spacing.tolist()}")
@@ -867,8 +887,8 @@ def generate_case(seed: int, site: Site | str = "default", spacing: Sequence[flo
     tissue = _paint(structures, frame, shape)
     del coords, frame
 
-    lesions = (_place_lesions(tissue, tissues, spacing, world_axes, rng_lesion, min_tumour_mm, require_tumours)
-               if tumours else [])
+    lesions = (_place_lesions(tissue, tissues, spacing, world_axes, rng_lesion, min_tumour_mm, require_tumours,
+                              contrast) if tumours else [])
     for record in lesions:
         record["labelled"] = record["class"] in label_names.values()
 
@@ -988,14 +1008,15 @@ def write_dataset(out: Path, cases: int, seed: int, site: Site | str = "default"
                   spacing: Sequence[float] | None = None, classes: Sequence[str | Mapping] | None = None,
                   name: str = "phantom", extra_classes: Sequence[str] = (), min_tumour_mm: float = 5.0,
                   tumours: bool = True, *, require_tumours: Sequence[str] = (), stream: int = 0,
-                  workers: int = 1) -> Path:
+                  lesion_contrast: Mapping[str, Sequence[float]] | None = None, workers: int = 1) -> Path:
     """Write ``cases`` phantom cases in MSD layout with ``dataset.json`` and ``<name>.yaml``.
 
     ``classes`` limits the labelled classes (others are background in the label files but still
     in the images; an unlabelled lesion keeps its labelled parent's value); an entry may be a
     merged raw label ``{name, classes, split}``. Raw values are 1..K in ``classes`` order, or the
     phantom's own values when ``classes`` is None. ``out`` must be empty, new, or an earlier
-    phantom dataset (which is replaced). ``workers`` > 1 generates cases in parallel processes.
+    phantom dataset (which is replaced). ``lesion_contrast`` is :func:`generate_case`'s.
+    ``workers`` > 1 generates cases in parallel processes.
     """
     out = Path(out)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -1003,6 +1024,7 @@ def write_dataset(out: Path, cases: int, seed: int, site: Site | str = "default"
     if not isinstance(cases, int) or cases < 1:
         raise ValueError(f"phantom dataset {out}: cases must be a positive integer, got {cases!r}")
     site = get_site(site)
+    contrast = _lesion_contrast(lesion_contrast or {})
     drawable = drawable_classes(extra_classes)
     labels, values = _raw_labels(classes, drawable, name)
     previous = _check_target(out)
@@ -1020,10 +1042,11 @@ def write_dataset(out: Path, cases: int, seed: int, site: Site | str = "default"
     settings = {"generator": "clipseg3d.data.phantom", "name": name, "seed": seed, "stream": stream,
                 "site": site.name, "spacing": None if spacing is None else [float(s) for s in spacing],
                 "extra_classes": list(extra_classes), "min_tumour_mm": min_tumour_mm, "tumours": tumours,
-                "require_tumours": list(require_tumours), "files": files}
+                "require_tumours": list(require_tumours),
+                "lesion_contrast": {name: list(bounds) for name, bounds in contrast.items()}, "files": files}
     _write_json(out / MARKER, {**settings, "complete": False})
     kwargs = {"site": site, "spacing": spacing, "tumours": tumours, "extra_classes": tuple(extra_classes),
-              "min_tumour_mm": min_tumour_mm, "require_tumours": tuple(require_tumours)}
+              "min_tumour_mm": min_tumour_mm, "require_tumours": tuple(require_tumours), "lesion_contrast": contrast}
     jobs = [(out, stem, case_seed(seed, stream, i), kwargs, values) for i, stem in enumerate(stems)]
     if workers > 1 and cases > 1:
         with ProcessPoolExecutor(max_workers=min(workers, cases)) as pool:
@@ -1052,6 +1075,7 @@ def write_dataset(out: Path, cases: int, seed: int, site: Site | str = "default"
 def write_multi_dataset(out: Path, cases_per_dataset: int, seed: int, site: Site | str | None = None,
                         spacing: Sequence[float] | None = None, extra_classes: Sequence[str] = (),
                         min_tumour_mm: float = 5.0, datasets: Sequence[str] | None = None,
+                        lesion_contrast: Mapping[str, Sequence[float]] | None = None,
                         workers: int = 1) -> list[Path]:
     """Write the partially labelled datasets of :data:`MULTI_DATASETS`, one subfolder each.
 
@@ -1074,7 +1098,8 @@ def write_multi_dataset(out: Path, cases_per_dataset: int, seed: int, site: Site
         classes = list(spec["classes"]) + [c for c in extra_classes if c not in spec["classes"]]
         written.append(write_dataset(out / name, cases_per_dataset, seed, site or spec["site"], spacing,
                                      classes, name, extra_classes, min_tumour_mm,
-                                     require_tumours=spec["require"], stream=spec["stream"], workers=workers))
+                                     require_tumours=spec["require"], stream=spec["stream"],
+                                     lesion_contrast=lesion_contrast, workers=workers))
     return written
 
 
@@ -1093,6 +1118,16 @@ def _summary(folder: Path) -> str:
             f"{shape} voxels, {lesions} lesions")
 
 
+def _contrast_arg(text: str) -> tuple[str, tuple[float, float]]:
+    """``CLASS=LOW,HIGH`` -> (class, (low, high))."""
+    name, _, bounds = text.partition("=")
+    try:
+        low, high = (float(b) for b in bounds.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CLASS=LOW,HIGH in HU, e.g. spleen_lesion=-60,-30") from None
+    return name, (low, high)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``clipseg3d phantom``: write synthetic CT datasets."""
     parser = argparse.ArgumentParser(prog="clipseg3d phantom", description="Write synthetic CT phantom "
@@ -1107,6 +1142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-classes", nargs="+", default=[], choices=list(EXTRA_CLASSES),
                         help="label classes outside the built-in catalog")
     parser.add_argument("--min-tumour-mm", type=float, default=5.0, help="smallest lesion diameter")
+    parser.add_argument("--lesion-contrast", nargs="+", default=[], metavar="CLASS=LOW,HIGH", type=_contrast_arg,
+                        help="a lesion class's HU range relative to its parent (e.g. spleen_lesion=-60,-30)")
     parser.add_argument("--name", default="phantom", help="dataset name (single dataset)")
     parser.add_argument("--no-tumours", action="store_true", help="draw no lesions")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
@@ -1115,11 +1152,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.multi:
             folders = write_multi_dataset(args.out, args.cases, args.seed, args.site, args.spacing,
-                                          args.extra_classes, args.min_tumour_mm, workers=args.workers)
+                                          args.extra_classes, args.min_tumour_mm,
+                                          lesion_contrast=dict(args.lesion_contrast), workers=args.workers)
         else:
             folders = [write_dataset(args.out, args.cases, args.seed, args.site or "default", args.spacing,
                                      None, args.name, args.extra_classes, args.min_tumour_mm,
-                                     not args.no_tumours, workers=args.workers)]
+                                     not args.no_tumours, lesion_contrast=dict(args.lesion_contrast),
+                                     workers=args.workers)]
     except (ValueError, OSError) as err:
         print(f"clipseg3d phantom: error: {err}", file=sys.stderr)
         return 1
