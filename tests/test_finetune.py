@@ -158,12 +158,41 @@ def test_task_keeps_a_frozen_backbone_in_eval_mode(start_ckpt):
     assert not task.reference_head.training
 
 
+def test_keeping_the_old_classes_holds_them_to_the_start_where_the_data_do_not_label_them(start_ckpt, image):
+    classes = START_CLASSES + ["stomach"]
+    task = UniversalSegmentation(classes=classes, init_from=str(start_ckpt), finetune="head", keep_old_classes=1.0,
+                                 roi_size=(16,) * 3).train()
+    head = [param for param in task.model.head.parameters() if param.requires_grad]
+    only_new = torch.tensor([[name == "stomach" for name in classes]] * 2)
+
+    def keep_loss(labelled: torch.Tensor) -> torch.Tensor:
+        logits, start = task._with_reference(image).split([len(classes), len(START_CLASSES)], dim=1)
+        return task._keep_loss(logits, start, labelled)
+
+    at_start = keep_loss(only_new)
+    grads = [grad for grad in torch.autograd.grad(at_start, head, allow_unused=True) if grad is not None]
+    assert grads and max(grad.abs().max() for grad in grads) < 1e-6  # at its minimum: the old outputs as they were
+    randomise(head, scale=0.02)
+    moved = keep_loss(only_new)
+    assert moved > at_start + 1e-3
+    moved.backward()
+    norm = torch.sqrt(sum((param.grad ** 2).sum() for param in head if param.grad is not None))
+    with torch.no_grad():
+        for param in head:
+            if param.grad is not None:
+                param -= 1e-2 / norm * param.grad
+    assert keep_loss(only_new) < moved  # its gradient leads back
+    assert keep_loss(torch.ones_like(only_new)) == 0  # labelled pairs learn from their labels only
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"finetune": "head"}, "finetune='head' needs a trained checkpoint to start from"),
     ({"init_from": "START", "finetune": "new_classes", "classes": START_CLASSES},
      "finetune='new_classes': the class list adds nothing to"),
     ({"init_from": "START", "backbone": "small"}, "brings its own backbone; leave 'backbone' unset"),
     ({"init_from": "START", "classes": ["liver", "Liver"]}, "names 'liver' twice"),
+    ({"init_from": "START", "finetune": "new_classes", "classes": START_CLASSES + ["stomach"], "keep_old_classes": 1.0},
+     "keep_old_classes=1.0: a weight >= 0 that applies to finetune='head' only, not 'new_classes'"),
 ])
 def test_bad_finetune_requests_are_one_line_errors(start_ckpt, kwargs, message):
     kwargs = {key: str(start_ckpt) if value == "START" else small_backbone() if value == "small" else value

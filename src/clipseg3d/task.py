@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from monai.inferers import SlidingWindowInferer
 from torch import nn
@@ -59,6 +60,9 @@ class UniversalSegmentation(L.LightningModule):
             the backbone frozen in eval mode; validation also logs the old classes' Dice at the start
             and its drift), ``new_classes`` (only the added classes' residuals and adapters).
         adapter_rank: rank of the added classes' controller adapters.
+        keep_old_classes: with ``finetune='head'``, the weight of a term that holds each old class
+            to the starting model's output (soft BCE) in the samples whose dataset does not label
+            it, so the head learns the new classes without forgetting the old ones; 0 turns it off.
         bce_weight, dice_weight: loss weights.
         lr, weight_decay, warmup_steps, min_lr_factor: AdamW with warm-up cosine, stepped per step.
         roi_size: sliding-window size for validation and inference (the training crop size).
@@ -78,6 +82,7 @@ class UniversalSegmentation(L.LightningModule):
         init_from: str | None = None,
         finetune: Literal["full", "new_classes", "head"] = "full",
         adapter_rank: int = 4,
+        keep_old_classes: float = 0.0,
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
         lr: float = 1e-4,
@@ -92,6 +97,9 @@ class UniversalSegmentation(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.frozen_backbone = finetune != "full"
+        if keep_old_classes < 0 or (keep_old_classes > 0 and finetune != "head"):
+            raise FinetuneError(f"keep_old_classes={keep_old_classes}: a weight >= 0 that applies to finetune='head' "
+                                f"only, not {finetune!r}")
         cache = EmbeddingCache(embedding_cache) if embedding_cache else None
         self.new_classes: list[str] = []
         if init_from is None:
@@ -137,10 +145,28 @@ class UniversalSegmentation(L.LightningModule):
         return self.model(image)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["image"])
+        if self.hparams.keep_old_classes > 0:
+            logits, start = self._with_reference(batch["image"]).split(
+                [len(self.class_names), len(self.old_classes)], dim=1)
+        else:
+            logits = self.model(batch["image"])
         loss = self.loss(logits, batch["target"], batch["labelled"])
         self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        if self.hparams.keep_old_classes > 0:
+            keep = self._keep_loss(logits, start, batch["labelled"].bool())
+            self.log("train/keep_old_loss", keep, batch_size=logits.shape[0])
+            loss = loss + self.hparams.keep_old_classes * keep
         return loss
+
+    def _keep_loss(self, logits: torch.Tensor, start: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        """Soft BCE of the old classes' logits against the starting head's, over unlabelled pairs."""
+        old = [self.class_names.index(name) for name in self.old_classes]
+        unlabelled = ~labelled[:, old]
+        if not unlabelled.any():
+            return logits.sum() * 0.0
+        current = logits[:, old].flatten(2)[unlabelled].float()
+        reference = torch.sigmoid(start.flatten(2)[unlabelled].float())
+        return F.binary_cross_entropy_with_logits(current, reference)
 
     def train(self, mode: bool = True) -> "UniversalSegmentation":
         """Train mode for what trains; a frozen backbone and the reference head stay in eval mode."""

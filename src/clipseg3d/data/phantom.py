@@ -1124,7 +1124,8 @@ def _contrast_arg(text: str) -> tuple[str, tuple[float, float]]:
     try:
         low, high = (float(b) for b in bounds.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected CLASS=LOW,HIGH in HU, e.g. spleen_lesion=-60,-30") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CLASS=LOW,HIGH in HU, "
+                                         "e.g. spleen_lesion=-60,-30") from None
     return name, (low, high)
 
 
