@@ -166,7 +166,7 @@ def test_keeping_the_old_classes_holds_them_to_the_start_where_the_data_do_not_l
     only_new = torch.tensor([[name == "stomach" for name in classes]] * 2)
 
     def keep_loss(labelled: torch.Tensor) -> torch.Tensor:
-        logits, start = task._with_reference(image).split([len(classes), len(START_CLASSES)], dim=1)
+        logits, start = task._split_reference(task._with_reference(image))
         return task._keep_loss(logits, start, labelled)
 
     at_start = keep_loss(only_new)

@@ -124,12 +124,12 @@ class UniversalSegmentation(L.LightningModule):
             self.start_preprocessing = start.meta.get("preprocessing", {})
             freeze(self.model, finetune, self.new_classes)
         self.old_classes = [name for name in self.class_names if name not in self.new_classes]
+        self.old_rows = [self.class_names.index(name) for name in self.old_classes]
         if finetune == "head":
             # The starting head, frozen: on the (frozen) backbone's features it gives the starting
             # model's outputs, so validation can report how far the old classes have drifted.
             self.reference_head = copy.deepcopy(self.model.head).requires_grad_(False)
-            rows = torch.tensor([self.class_names.index(name) for name in self.old_classes], dtype=torch.long)
-            self.register_buffer("reference_features", self.model.text_features().detach()[rows].clone(),
+            self.register_buffer("reference_features", self.model.text_features().detach()[self.old_rows].clone(),
                                  persistent=False)
             self.start_dice = _dice_metrics(len(self.old_classes))
         self.loss = PartialLabelLoss(bce_weight, dice_weight)
@@ -146,8 +146,7 @@ class UniversalSegmentation(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.hparams.keep_old_classes > 0:
-            logits, start = self._with_reference(batch["image"]).split(
-                [len(self.class_names), len(self.old_classes)], dim=1)
+            logits, start = self._split_reference(self._with_reference(batch["image"]))
         else:
             logits = self.model(batch["image"])
         loss = self.loss(logits, batch["target"], batch["labelled"])
@@ -160,11 +159,10 @@ class UniversalSegmentation(L.LightningModule):
 
     def _keep_loss(self, logits: torch.Tensor, start: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
         """Soft BCE of the old classes' logits against the starting head's, over unlabelled pairs."""
-        old = [self.class_names.index(name) for name in self.old_classes]
-        unlabelled = ~labelled[:, old]
+        unlabelled = ~labelled[:, self.old_rows]
         if not unlabelled.any():
             return logits.sum() * 0.0
-        current = logits[:, old].flatten(2)[unlabelled].float()
+        current = logits[:, self.old_rows].flatten(2)[unlabelled].float()
         reference = torch.sigmoid(start.flatten(2)[unlabelled].float())
         return F.binary_cross_entropy_with_logits(current, reference)
 
@@ -184,14 +182,17 @@ class UniversalSegmentation(L.LightningModule):
         start = self.reference_head(decoder_map, global_feature, self.reference_features)
         return torch.cat([current, start], dim=1)
 
+    def _split_reference(self, both: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_with_reference`'s output as (every class's logits, the starting head's old-class logits)."""
+        current, start = both.split([len(self.class_names), len(self.old_classes)], dim=1)
+        return current, start
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         target = batch["target"].long()
         labelled = batch["labelled"].bool()
         if hasattr(self, "reference_head"):
-            logits, start = self.inferer(batch["image"], self._with_reference).split(
-                [len(self.class_names), len(self.old_classes)], dim=1)
-            for j, metric in enumerate(self.start_dice):
-                k = self.class_names.index(self.old_classes[j])
+            logits, start = self._split_reference(self.inferer(batch["image"], self._with_reference))
+            for j, (k, metric) in enumerate(zip(self.old_rows, self.start_dice)):
                 if labelled[:, k].any():
                     samples = labelled[:, k]
                     metric.update((start[samples, j:j + 1] > 0).long(), target[samples, k:k + 1])
