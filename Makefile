@@ -28,7 +28,7 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 demo: install
-	$(BIN)/python -m clipseg3d.demo
+	$(BIN)/python -m clipseg3d.cli.demo
 
 bench: install
 	$(BIN)/python benchmarks/run.py

@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from clipseg3d.backbones import UNetBackbone
     from clipseg3d.catalog import load_catalog
     from clipseg3d.data.labelmap import LabelMap
-    from clipseg3d.finetune import parameter_counts
-    from clipseg3d.model import load_model
-    from clipseg3d.task import UniversalSegmentation
+    from clipseg3d.models.backbones import UNetBackbone
+    from clipseg3d.models.checkpoint import load_model
+    from clipseg3d.training.finetune import parameter_counts
+    from clipseg3d.training.task import UniversalSegmentation
 
     if not (CASE / "ct.nii.gz").exists():
         print(f"the real case {CASE} is absent", file=sys.stderr)

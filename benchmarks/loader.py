@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from clipseg3d.cli import lightning_main
+from clipseg3d.cli.main import lightning_main
 from clipseg3d.data.index import index_dataset, write_manifest
-from clipseg3d.data.phantom import write_dataset
+from clipseg3d.phantom.generate import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver", "stomach", "aorta", "pancreas", "right_lung", "left_lung"]

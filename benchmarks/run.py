@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from clipseg3d.backbones import SwinUNETRBackbone, UNetBackbone
-from clipseg3d.data.phantom import write_dataset
-from clipseg3d.head import DynamicHead
+from clipseg3d.models.backbones import SwinUNETRBackbone, UNetBackbone
+from clipseg3d.models.head import DynamicHead
+from clipseg3d.phantom.generate import write_dataset
 
 
 def best_of(fn, repeats: int = 3) -> float:

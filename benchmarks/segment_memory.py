@@ -61,9 +61,10 @@ def write_scan(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
 
 def write_checkpoint(path: Path, seed: int = 0) -> None:
     """A clipseg3d checkpoint of the demo U-Net with random weights and class embeddings."""
-    from clipseg3d.backbones import UNetBackbone
     from clipseg3d.catalog import ClassCatalog
-    from clipseg3d.model import CHECKPOINT_KEY, UniversalModel
+    from clipseg3d.models.backbones import UNetBackbone
+    from clipseg3d.models.checkpoint import CHECKPOINT_KEY
+    from clipseg3d.models.model import UniversalModel
 
     torch.manual_seed(seed)
     backbone = UNetBackbone(channels=(16, 32, 64, 128, 256), out_channels=32)
@@ -83,7 +84,7 @@ def report_stage(times: dict) -> None:
 
 
 def run_segment(scan: Path, checkpoint: Path, out: Path) -> dict:
-    from clipseg3d.inference.segment import main
+    from clipseg3d.cli.segment import main
 
     start = time.perf_counter()
     code = main([str(scan), "--ckpt", str(checkpoint), "-o", str(out), "--device", "cpu"])
@@ -93,10 +94,12 @@ def run_segment(scan: Path, checkpoint: Path, out: Path) -> dict:
 
 
 def run_streaming(scan_path: Path, checkpoint: Path) -> dict:
-    from clipseg3d.inference.io import read_scan
+    from clipseg3d.data.preprocess import preprocess
+    from clipseg3d.data.scans import read_scan
+    from clipseg3d.inference.masks import scan_masks
     from clipseg3d.inference.postprocess import PostprocessConfig
-    from clipseg3d.inference.segment import predict_probabilities, preprocess, scan_masks
-    from clipseg3d.model import load_model
+    from clipseg3d.inference.sliding_window import predict_probabilities
+    from clipseg3d.models.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
     times = {}
@@ -119,8 +122,8 @@ def run_monai(scan_path: Path, checkpoint: Path) -> dict:
     from monai.inferers import SlidingWindowInferer
     from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing
 
-    from clipseg3d.inference.io import read_scan
-    from clipseg3d.model import load_model
+    from clipseg3d.data.scans import read_scan
+    from clipseg3d.models.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
     times = {}

@@ -8,9 +8,16 @@ import wandb
 import yaml
 from PIL import Image
 
-from clipseg3d.callbacks import GAP_PX, HEADER_PX, LABEL_PX, ContourImages, pick_slices
-from clipseg3d.cli import lightning_main
+from clipseg3d.cli.main import lightning_main
 from clipseg3d.inference.overlay import class_colour
+from clipseg3d.training.callbacks import (
+    GAP_PX,
+    HEADER_PX,
+    LABEL_PX,
+    ContourImages,
+    pick_slices,
+)
+
 from conftest import REPO
 
 SHAPE = (16, 16, 8)  # X, Y, Z

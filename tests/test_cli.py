@@ -4,7 +4,8 @@ import sys
 import pytest
 import yaml
 
-from clipseg3d.cli import lightning_main, main
+from clipseg3d.cli.main import lightning_main, main
+
 from conftest import REPO
 
 TINY = str(REPO / "experiments" / "tiny.yaml")
@@ -20,7 +21,7 @@ def test_print_config_shows_every_knob(capsys):
         main(["fit", "--config", TINY, "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     model = config["model"]
-    assert model["backbone"]["class_path"] == "clipseg3d.backbones.UNetBackbone"
+    assert model["backbone"]["class_path"] == "clipseg3d.models.backbones.UNetBackbone"
     assert model["backbone"]["init_args"]["channels"] == [8, 16, 32, 64]
     for knob in ("text_encoder", "head_hidden", "head_channels", "head_chunk_voxels", "bce_weight", "dice_weight",
                  "lr", "weight_decay", "warmup_steps", "sw_overlap"):

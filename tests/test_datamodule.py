@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clipseg3d.cli import main
+from clipseg3d.cli.main import main
 from clipseg3d.data.datamodule import CTDataModule
 
 

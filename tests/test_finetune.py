@@ -1,18 +1,20 @@
 """Fine-tuning from a checkpoint: new classes through their own residual + adapter, frozen backbone."""
 
-import logging
 from pathlib import Path
 
-import lightning as L
-import numpy as np
 import pytest
 import torch
 
-from clipseg3d.backbones import UNetBackbone
-from clipseg3d.finetune import FinetuneError, freeze, parameter_counts, start_from_checkpoint
-from clipseg3d.inference.segment import class_predictor
-from clipseg3d.model import CHECKPOINT_KEY, load_model
-from clipseg3d.task import UniversalSegmentation
+from clipseg3d.inference.sliding_window import class_predictor
+from clipseg3d.models.backbones import UNetBackbone
+from clipseg3d.models.checkpoint import CHECKPOINT_KEY, load_model
+from clipseg3d.training.finetune import (
+    FinetuneError,
+    freeze,
+    parameter_counts,
+    start_from_checkpoint,
+)
+from clipseg3d.training.task import UniversalSegmentation
 
 START_CLASSES = ["liver", "spleen", "right_kidney"]
 

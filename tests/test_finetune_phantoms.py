@@ -16,14 +16,15 @@ import lightning as L
 import pytest
 import torch
 
-from clipseg3d.backbones import UNetBackbone
-from clipseg3d.cli import main
+from clipseg3d.cli.main import main
 from clipseg3d.data.datamodule import CTDataModule
 from clipseg3d.data.index import index_dataset, write_manifest
-from clipseg3d.data.phantom import write_dataset
-from clipseg3d.inference.segment import class_predictor
-from clipseg3d.model import load_model
-from clipseg3d.task import UniversalSegmentation
+from clipseg3d.inference.sliding_window import class_predictor
+from clipseg3d.models.backbones import UNetBackbone
+from clipseg3d.models.checkpoint import load_model
+from clipseg3d.phantom.generate import write_dataset
+from clipseg3d.training.task import UniversalSegmentation
+
 from conftest import REPO
 from plugins import SPLEEN_LESION, install_packaged
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipseg3d.head import DynamicHead
+from clipseg3d.models.head import DynamicHead
 
 
 def naive_head(head: DynamicHead, decoder_map, global_feature, embeddings):

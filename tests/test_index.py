@@ -10,7 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from clipseg3d.data.index import LayoutError, index_dataset, main
+from clipseg3d.cli.index import main
+from clipseg3d.data.index import LayoutError, index_dataset
 
 
 def nifti(path: Path) -> Path:

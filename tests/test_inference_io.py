@@ -10,7 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from clipseg3d.inference.io import ScanError, find_scans, read_scan, write_dicom_seg, write_nifti_atomic
+from clipseg3d.data.scans import ScanError, find_scans, read_scan
+from clipseg3d.inference.outputs import write_dicom_seg, write_nifti_atomic
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CT = DATA / "totalseg-case" / "ct.nii.gz"

@@ -304,7 +304,7 @@ def test_from_segmentations(tmp_path, catalog):
 def test_monai_transforms(tmp_path, catalog):
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from clipseg3d.data.labelmap import LabelMapToTargetsd, LoadSegmentationsd
+    from clipseg3d.data.transforms import LabelMapToTargetsd, LoadSegmentationsd
 
     las = np.diag([-1.0, 1.0, 1.0, 1.0])
     nib.save(nib.Nifti1Image(kidney_volume(), las), tmp_path / "label.nii.gz")

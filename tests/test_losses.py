@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from clipseg3d.data.synthetic import synthetic_volume
-from clipseg3d.losses import PartialLabelLoss
+from clipseg3d.training.losses import PartialLabelLoss
 
 
 def _batch(seed=0):

@@ -11,10 +11,22 @@ import yaml
 from scipy import ndimage
 
 from clipseg3d.catalog import ClassCatalog
-from clipseg3d.data import phantom
+from clipseg3d.cli.phantom import main
 from clipseg3d.data.labelmap import LabelMap
-from clipseg3d.data.phantom import (EXTRA_CLASSES, HU_JITTER, LESIONS, MARKER, MULTI_DATASETS, SITES, TISSUES,
-                                    case_seed, generate_case, main, write_dataset, write_multi_dataset)
+from clipseg3d.phantom import generate as phantom
+from clipseg3d.phantom.generate import (
+    EXTRA_CLASSES,
+    HU_JITTER,
+    LESIONS,
+    MARKER,
+    MULTI_DATASETS,
+    SITES,
+    TISSUES,
+    case_seed,
+    generate_case,
+    write_dataset,
+    write_multi_dataset,
+)
 
 COARSE = (6.0, 6.0, 6.0)
 SEED = 11

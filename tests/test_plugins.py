@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from clipseg3d.catalog import load_catalog
-from clipseg3d.classes_cli import main as classes_main
+from clipseg3d.catalog.plugins import check, discover
+from clipseg3d.cli.classes import main as classes_main
 from clipseg3d.data.labelmap import LabelMap
-from clipseg3d.plugins import check, discover
+
 from conftest import shared_data
 from plugins import MUSCULOSKELETAL, SPLEEN_LESION, install_packaged, install_plugin
 

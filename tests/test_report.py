@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from PIL import Image
 
 from clipseg3d.catalog import ClassCatalog

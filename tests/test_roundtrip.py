@@ -5,7 +5,8 @@ import json
 import nibabel as nib
 import numpy as np
 
-from clipseg3d.cli import main
+from clipseg3d.cli.main import main
+
 from conftest import REPO
 
 

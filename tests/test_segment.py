@@ -18,24 +18,22 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clipseg3d.catalog import ClassCatalog
-from clipseg3d.cli import lightning_main
-from clipseg3d.inference.io import Scan, read_scan
-from clipseg3d.inference.overlay import LEGEND_COLUMN_PX, LEGEND_ROW_PX, GAP_PX, class_colour
-from clipseg3d.inference.segment import (
-    ModelGrid,
-    OutputSettings,
-    depth,
-    flip_averaged,
-    main,
-    nested_classes,
-    output_names,
-    predict_probabilities,
-    preprocess,
-    sliding_window_logits,
-    write_scan_outputs,
+from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.segment import main, output_names
+from clipseg3d.data.preprocess import ModelGrid, preprocess
+from clipseg3d.data.scans import Scan, read_scan
+from clipseg3d.inference.masks import depth, nested_classes
+from clipseg3d.inference.overlay import (
+    GAP_PX,
+    LEGEND_COLUMN_PX,
+    LEGEND_ROW_PX,
+    class_colour,
 )
+from clipseg3d.inference.pipeline import OutputSettings, write_scan_outputs
+from clipseg3d.inference.sliding_window import flip_averaged, predict_probabilities, sliding_window_logits
 from clipseg3d.inference.writer import SegmentationWriter
-from clipseg3d.model import load_model
+from clipseg3d.models.checkpoint import load_model
+
 from conftest import REPO, shared_data
 
 CT_SPACING_MM = [4.0, 4.0, 4.0]
@@ -323,7 +321,7 @@ def test_classes_option_predicts_only_the_chosen_classes(tmp_path, ct_checkpoint
 def test_prediction_writer_writes_what_segment_writes(tmp_path, synthetic_checkpoint):
     import lightning as L
 
-    from clipseg3d.task import UniversalSegmentation
+    from clipseg3d.training.task import UniversalSegmentation
 
     ct = shared_data("totalseg-case") / "ct.nii.gz"
     code, stderr = run_segment([ct, "--ckpt", synthetic_checkpoint, "-o", tmp_path / "segment", "--no-overlay",

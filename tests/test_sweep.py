@@ -8,10 +8,21 @@ import sweeps
 import torch
 import yaml
 
-from clipseg3d.cli import lightning_main
-from clipseg3d.cli import main as clipseg3d_main
-from clipseg3d.sweep import (ARGS_TOKEN, Trial, TrialMonitor, check_parameters, expand, fit_arguments, load_sweep,
-                             main, resolved_config, run_trial)
+from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.main import main as clipseg3d_main
+from clipseg3d.cli.sweep import (
+    ARGS_TOKEN,
+    Trial,
+    TrialMonitor,
+    check_parameters,
+    expand,
+    fit_arguments,
+    load_sweep,
+    main,
+    resolved_config,
+    run_trial,
+)
+
 from conftest import REPO
 
 SWEEP = REPO / "experiments" / "sweep.yaml"

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from clipseg3d.text_encoder import MINILM, EmbeddingCache, TextEncoder, TextEncoderError, embed_prompts
+from clipseg3d.models.text_encoder import (
+    MINILM,
+    EmbeddingCache,
+    TextEncoder,
+    TextEncoderError,
+    embed_prompts,
+)
 
 PROMPT = "A computerized tomography of a liver tumor"
 CLIP_IDS = [49406, 320, 11639, 704, 7690, 999, 22399, 539, 320, 12639, 22616, 49407]

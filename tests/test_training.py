@@ -3,9 +3,9 @@
 import lightning as L
 import torch
 
-from clipseg3d.backbones import UNetBackbone
 from clipseg3d.data.synthetic import SyntheticDataModule
-from clipseg3d.task import UniversalSegmentation
+from clipseg3d.models.backbones import UNetBackbone
+from clipseg3d.training.task import UniversalSegmentation
 
 CLASSES = ["spleen", "right_kidney", "liver", "stomach", "aorta", "pancreas"]
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from clipseg3d.cli import main
+from clipseg3d.cli.main import main
 
 sys.exit(main())

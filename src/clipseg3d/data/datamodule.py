@@ -22,8 +22,8 @@ from monai.data.utils import set_rnd
 from monai.transforms import (
     ClassesToIndicesd,
     Compose,
-    DeleteItemsd,
     CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -38,7 +38,8 @@ from monai.transforms import (
 from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
 
 from clipseg3d.catalog import load_catalog
-from clipseg3d.data.labelmap import LabelMap, LabelMapToTargetsd, LoadSegmentationsd
+from clipseg3d.data.labelmap import LabelMap
+from clipseg3d.data.transforms import LabelMapToTargetsd, LoadSegmentationsd
 
 
 class ManifestError(ValueError):
@@ -82,7 +83,7 @@ class ScanDataset(torch.utils.data.Dataset):
     """Whole scans for prediction: the network input and the scan's path, preprocessed as in training."""
 
     def __init__(self, inputs: Sequence[str], spacing: Sequence[float], hu_window: Sequence[float]):
-        from clipseg3d.inference.io import find_scans
+        from clipseg3d.data.scans import find_scans
 
         self.paths = find_scans([Path(path) for path in inputs])
         self.spacing = spacing
@@ -92,8 +93,8 @@ class ScanDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        from clipseg3d.inference.io import read_scan
-        from clipseg3d.inference.segment import preprocess
+        from clipseg3d.data.preprocess import preprocess
+        from clipseg3d.data.scans import read_scan
 
         image, _ = preprocess(read_scan(self.paths[index]), self.spacing, self.hu_window)
         return {"image": image, "image_path": str(self.paths[index])}

@@ -1,4 +1,4 @@
-"""``clipseg3d index``: find a dataset's (image, label) pairs and write a JSON-lines manifest.
+"""Find a dataset's (image, label) pairs and write them as a JSON-lines manifest.
 
 The label map's ``layout`` says where the files are, relative to the dataset's root folder:
 
@@ -21,16 +21,14 @@ paths; ``dataset`` is the built-in map's name or the label-map YAML's absolute p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from clipseg3d.data.labelmap import LabelMap, LabelMapError, available_label_maps
+from clipseg3d.data.labelmap import LabelMap, available_label_maps
+from clipseg3d.files import write_text_atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -207,7 +205,7 @@ LAYOUTS: dict[str, Callable[..., _Finder]] = {
 }
 
 
-def _find_cases(dataset: str | Path, root: Path, label_map: LabelMap | None,
+def find_cases(dataset: str | Path, root: Path, label_map: LabelMap | None,
                 skip_unlabelled: bool) -> tuple[list[dict], list[str]]:
     """Manifest records and the images skipped for having no label."""
     label_map = label_map if label_map is not None else LabelMap.load(dataset)
@@ -247,7 +245,7 @@ def index_dataset(dataset: str | Path, root: Path, label_map: LabelMap | None = 
     ``dataset``); ``label_map``: the already loaded map, if any. An image without a label is an
     error unless ``skip_unlabelled``.
     """
-    return _find_cases(dataset, Path(root), label_map, skip_unlabelled)[0]
+    return find_cases(dataset, Path(root), label_map, skip_unlabelled)[0]
 
 
 def write_manifest(records: Sequence[dict], path: Path, overwrite: bool = False) -> None:
@@ -255,48 +253,4 @@ def write_manifest(records: Sequence[dict], path: Path, overwrite: bool = False)
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            for record in records:
-                stream.write(json.dumps(record) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clipseg3d index",
-        description="Find a dataset's (image, label) pairs and write a JSON-lines manifest.",
-        epilog=f"built-in datasets: {', '.join(available_label_maps())}")
-    parser.add_argument("dataset", help="a built-in dataset name or a label-map YAML path")
-    parser.add_argument("root", type=Path, help="the dataset's root folder")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="manifest to write (.jsonl)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
-    parser.add_argument("--skip-unlabelled", action="store_true", help="leave out images that have no label")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``clipseg3d index DATASET ROOT -o manifest.jsonl``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        if args.output.exists() and not args.overwrite:
-            raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
-        records, skipped = _find_cases(args.dataset, args.root, None, args.skip_unlabelled)
-        write_manifest(records, args.output, overwrite=args.overwrite)
-    except (LayoutError, LabelMapError, FileExistsError, OSError) as err:
-        print(f"clipseg3d index: error: {err}", file=sys.stderr)
-        return 1
-    note = f" ({len(skipped)} images without a label left out)" if skipped else ""
-    print(f"wrote {len(records)} cases of {args.dataset} to {args.output}{note}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -269,7 +269,7 @@ class LabelMap:
         A plugin file that cannot be read or does not fit is reported with a warning and skipped.
         """
         if plugins is None:
-            from clipseg3d.plugins import discover
+            from clipseg3d.catalog.plugins import discover
 
             plugins, _ = discover()
         extended = self
@@ -479,110 +479,3 @@ class _ClassCodes:
             paired = len(child.parents) > 1 and None not in sides and len(sides) == len(child.parents)
             out.append((child.name, self.catalog[parent].side if paired else None))
         return out
-
-
-# -- MONAI transforms --------------------------------------------------------------------------
-def _make_transforms() -> dict[str, type]:
-    """Build the MONAI transforms on first use (importing MONAI takes seconds)."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import MapTransform
-
-    def _numpy(value) -> np.ndarray:
-        return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-
-    class LabelMapToTargetsd(MapTransform):
-        """Replace a raw label (MetaTensor, 1xXxYxZ) by K target channels and add ``labelled`` (K).
-
-        Place after LoadImaged + EnsureChannelFirstd (and Orientationd/Spacingd, nearest for
-        labels), before cropping. If the image is still in HU it gives the body midline.
-        ``label_map=None`` reads each sample's map from ``data[dataset_key]`` (a manifest line's
-        ``dataset``: built-in name or YAML path). With ``target_key`` the targets go to that key
-        and the raw label is dropped; by default they replace the raw label under its own key.
-        """
-
-        def __init__(self, keys=("label",), *, label_map: LabelMap | str | Path | None,
-                     class_names: Sequence[str], image_key: str | None = "image",
-                     catalog: ClassCatalog | None = None, labelled_key: str = "labelled",
-                     dataset_key: str = "dataset", target_key: str | None = None,
-                     allow_missing_keys: bool = False) -> None:
-            super().__init__(keys, allow_missing_keys)
-            if target_key is not None and len(self.keys) != 1:
-                raise LabelMapError(f"target_key {target_key!r} needs exactly one label key, got {self.keys}")
-            self.target_key = target_key
-            self.catalog = catalog or load_catalog()
-            self.class_names = self.catalog.resolve(class_names)
-            self.image_key, self.labelled_key, self.dataset_key = image_key, labelled_key, dataset_key
-            self._maps: dict[str, LabelMap] = {}
-            self.label_map = self._map(label_map) if label_map is not None else None
-
-        def _map(self, spec: LabelMap | str | Path) -> LabelMap:
-            if isinstance(spec, LabelMap):
-                return spec
-            if str(spec) not in self._maps:
-                self._maps[str(spec)] = LabelMap.load(spec, catalog=self.catalog)
-            return self._maps[str(spec)]
-
-        def __call__(self, data: Mapping) -> dict:
-            d = dict(data)
-            label_map = self.label_map or self._map(d[self.dataset_key])
-            image = d.get(self.image_key) if self.image_key else None
-            for key in self.key_iterator(d):
-                label = d[key]
-                if not isinstance(label, MetaTensor):
-                    raise LabelMapError(f"{key!r}: expected a MONAI MetaTensor with an affine, got {type(label)}")
-                if label.shape[0] != 1:
-                    raise LabelMapError(f"{key!r}: expected one channel first, got shape {tuple(label.shape)}")
-                hu = _numpy(image[0]) if image is not None else None
-                targets, labelled, _ = label_map.to_targets(_numpy(label[0]), _numpy(label.affine),
-                                                            self.class_names, image=hu, catalog=self.catalog)
-                if self.target_key is not None:
-                    del d[key]
-                d[self.target_key or key] = MetaTensor(torch.from_numpy(targets), meta=dict(label.meta),
-                                                       applied_operations=list(label.applied_operations))
-                d[self.labelled_key] = torch.from_numpy(labelled)
-            return d
-
-    class LoadSegmentationsd(MapTransform):
-        """Load a per-structure ``segmentations/`` folder as an id-keyed label MetaTensor (1xXxYxZ).
-
-        Reads ``data[key]`` (a folder) and writes ``data[label_key]``, like LoadImaged +
-        EnsureChannelFirstd would for a single label file.
-        """
-
-        def __init__(self, keys=("segmentations",), *, label_key: str = "label",
-                     label_map: LabelMap | str | Path | None = None, catalog: ClassCatalog | None = None,
-                     dataset_key: str = "dataset", allow_missing_keys: bool = False) -> None:
-            super().__init__(keys, allow_missing_keys)
-            self.catalog = catalog
-            self.label_key, self.dataset_key = label_key, dataset_key
-            self.label_map = label_map if isinstance(label_map, LabelMap) or label_map is None \
-                else LabelMap.load(label_map, catalog=catalog)
-
-        def __call__(self, data: Mapping) -> dict:
-            d = dict(data)
-            for key in self.key_iterator(d):
-                label_map = self.label_map or LabelMap.load(d[self.dataset_key], catalog=self.catalog)
-                label, affine = label_map.from_segmentations(Path(d.pop(key)))
-                affine_t = torch.as_tensor(affine, dtype=torch.float64)
-                meta = {"affine": affine_t, "original_affine": affine_t.clone(), "space": "RAS",
-                        "spatial_shape": np.array(label.shape), "original_channel_dim": 0,
-                        "filename_or_obj": str(data[key])}
-                d[self.label_key] = MetaTensor(torch.from_numpy(label[None].astype(np.int16)), meta=meta)
-            return d
-
-    for cls in (LabelMapToTargetsd, LoadSegmentationsd):
-        cls.__module__ = __name__
-        cls.__qualname__ = cls.__name__
-    return {cls.__name__: cls for cls in (LabelMapToTargetsd, LoadSegmentationsd)}
-
-
-_TRANSFORMS: dict[str, type] = {}
-
-
-def __getattr__(name: str):
-    if name in ("LabelMapToTargetsd", "LoadSegmentationsd"):
-        if not _TRANSFORMS:
-            _TRANSFORMS.update(_make_transforms())
-        return _TRANSFORMS[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,8 +17,13 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from clipseg3d.catalog import ClassCatalog, load_catalog
-from clipseg3d.inference.io import replace_atomically
-from clipseg3d.inference.postprocess import Masks, class_masks, keep_largest_component, merge_label_map
+from clipseg3d.files import replace_atomically
+from clipseg3d.inference.postprocess import (
+    Masks,
+    class_masks,
+    keep_largest_component,
+    merge_label_map,
+)
 
 ALPHA = 0.45
 GAP_PX = 4

@@ -11,8 +11,14 @@ import numpy as np
 from scipy import ndimage
 
 from clipseg3d.catalog import ClassCatalog
-from clipseg3d.inference.io import replace_atomically, voxel_spacing
-from clipseg3d.inference.postprocess import CONNECTIVITY, Masks, bounding_box, class_masks
+from clipseg3d.data.scans import voxel_spacing
+from clipseg3d.files import replace_atomically
+from clipseg3d.inference.postprocess import (
+    CONNECTIVITY,
+    Masks,
+    bounding_box,
+    class_masks,
+)
 
 
 def _lesions(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, probs: np.ndarray | None) -> list[dict]:

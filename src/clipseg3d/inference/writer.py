@@ -1,7 +1,7 @@
 """A Lightning prediction writer that writes ``clipseg3d segment``'s outputs for ``clipseg3d predict``.
 
 Contract with the predict dataloader: each batch is a dict with ``"image"`` (the network input
-made by :func:`clipseg3d.inference.segment.preprocess` with the same spacing and HU window) and
+made by :func:`clipseg3d.data.preprocess.preprocess` with the same spacing and HU window) and
 ``"image_path"`` (the scan's file or DICOM folder, one per item). The task's ``predict_step``
 returns class probabilities ``[B, K, *S]`` on that input's grid. For each item the writer reads
 the scan again (for its grid, header and DICOM slices) and writes ``output_dir/<scan name>/``
@@ -21,16 +21,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from clipseg3d.inference.io import read_scan, scan_stem
+from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW, preprocess
+from clipseg3d.data.scans import read_scan, scan_stem
+from clipseg3d.inference.outputs import partial_folder, publish_folder
+from clipseg3d.inference.pipeline import OutputSettings, write_scan_outputs
 from clipseg3d.inference.postprocess import PostprocessConfig
-from clipseg3d.inference.segment import (
-    DEFAULT_HU_WINDOW,
-    OutputSettings,
-    partial_folder,
-    preprocess,
-    publish_folder,
-    write_scan_outputs,
-)
 
 
 class SegmentationWriter(BasePredictionWriter):
@@ -84,7 +79,7 @@ class SegmentationWriter(BasePredictionWriter):
             if tuple(probabilities[0].shape) != grid.shape:
                 raise ValueError(f"{path}: prediction of shape {tuple(probabilities[0].shape)} is not on the scan's "
                                  f"model grid {grid.shape}; preprocess the predict inputs with "
-                                 "clipseg3d.inference.segment.preprocess and the same spacing")
+                                 "clipseg3d.data.preprocess.preprocess and the same spacing")
             provenance = {"input": str(path), "checkpoint": str(trainer.ckpt_path or ""),
                           "class_names": list(class_names)}
             partial = partial_folder(self.output_dir, final.name)

@@ -8,19 +8,27 @@ A plugin's entry point names an object that is, or returns when called, a mappin
 A label-map file is a label-map extension (see :meth:`clipseg3d.data.labelmap.LabelMap.extend`)
 whose ``extends`` names a built-in dataset label map. A plugin that fails to import or does not
 fit the catalog is reported and skipped; the rest keeps working. :func:`check` lists every
-problem of what is installed, one line each, naming the plugin.
+problem of the installed plugins' classes, one line each, naming the plugin.
+
+:func:`load_catalog` reads the built-in YAML and scans the entry points once per process (per
+``sys.path``: a plugin put on the path later is found on the next call).
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-import yaml
-
-from clipseg3d.catalog import DEFAULT_PROMPT_TEMPLATE, CatalogError, ClassCatalog, ClassEntry
+from clipseg3d.catalog.entries import (
+    DEFAULT_PROMPT_TEMPLATE,
+    CatalogError,
+    ClassCatalog,
+    ClassEntry,
+)
 
 ENTRY_POINT_GROUP = "clipseg3d.classes"
 
@@ -117,35 +125,19 @@ def extend_with_plugins(catalog: ClassCatalog, plugins: list[Plugin] | None = No
     return catalog
 
 
-def label_map_errors(catalog: ClassCatalog, plugins: list[Plugin]) -> list[str]:
-    """One line per plugin label-map file that cannot be read, names no built-in map, or does not
-    apply (unknown class, a raw value given twice, or one another plugin already maps)."""
-    from clipseg3d.data.labelmap import LabelMap, LabelMapError, available_label_maps
-
-    errors: list[str] = []
-    extended: dict[str, LabelMap] = {}
-    for plugin in plugins:
-        for path in plugin.label_maps:
-            try:
-                data = yaml.safe_load(Path(path).read_text())
-            except (OSError, yaml.YAMLError) as err:
-                errors.append(f"{plugin.source}: label map {path}: cannot be read ({err})")
-                continue
-            base = data.get("extends") if isinstance(data, dict) else None
-            if base not in available_label_maps():
-                errors.append(f"{plugin.source}: label map {path}: 'extends' must name a built-in dataset label map, "
-                              f"got {base!r}")
-                continue
-            try:
-                current = extended.get(base) or LabelMap.load(base, catalog=catalog)
-                extended[base] = current.extend(Path(path), catalog=catalog)
-            except (LabelMapError, CatalogError) as err:
-                errors.append(f"{plugin.source}: {err}")
-    return errors
-
-
 def check(catalog: ClassCatalog | None = None) -> tuple[ClassCatalog, list[Plugin], list[str]]:
-    """Everything installed: the full catalog, the plugins that fit, and one line per problem."""
+    """Everything installed: the full catalog, the plugins that fit, and one line per problem of their classes."""
     plugins, errors = discover()
     catalog, accepted, misfits = resolve(catalog or ClassCatalog.builtin(), plugins)
-    return catalog, accepted, errors + misfits + label_map_errors(catalog, accepted)
+    return catalog, accepted, errors + misfits
+
+
+def load_catalog(with_plugins: bool = True) -> ClassCatalog:
+    """The built-in catalog, extended by every installed class plugin that loads cleanly."""
+    return _cached_catalog(with_plugins, tuple(sys.path))
+
+
+@lru_cache(maxsize=8)
+def _cached_catalog(with_plugins: bool, path: tuple[str, ...]) -> ClassCatalog:
+    catalog = ClassCatalog.builtin()
+    return extend_with_plugins(catalog) if with_plugins else catalog

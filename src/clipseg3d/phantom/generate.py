@@ -18,12 +18,9 @@ YAML each; :func:`main` is the ``clipseg3d phantom`` command.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -1039,7 +1036,7 @@ def write_dataset(out: Path, cases: int, seed: int, site: Site | str = "default"
             target.unlink()
     for sub in ("imagesTr", "labelsTr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    settings = {"generator": "clipseg3d.data.phantom", "name": name, "seed": seed, "stream": stream,
+    settings = {"generator": "clipseg3d.phantom.generate", "name": name, "seed": seed, "stream": stream,
                 "site": site.name, "spacing": None if spacing is None else [float(s) for s in spacing],
                 "extra_classes": list(extra_classes), "min_tumour_mm": min_tumour_mm, "tumours": tumours,
                 "require_tumours": list(require_tumours),
@@ -1055,14 +1052,14 @@ def write_dataset(out: Path, cases: int, seed: int, site: Site | str = "default"
         records = [_write_case(job) for job in jobs]
     dataset = {
         "name": name, "description": f"clipseg3d synthetic CT phantom (seed {seed}, site {site.name})",
-        "reference": "clipseg3d.data.phantom", "licence": "CC0-1.0", "release": "1.0",
+        "reference": "clipseg3d.phantom.generate", "licence": "CC0-1.0", "release": "1.0",
         "tensorImageSize": "3D", "modality": {"0": "CT"},
         "labels": {"0": "background", **{str(v): _label_title(spec) for v, spec in labels.items()}},
         "numTraining": cases, "numTest": 0,
         "training": [{"image": r["image"], "label": r["label"]} for r in records], "test": [],
     }
     label_map = {"name": name, "title": f"Synthetic CT phantom dataset {name!r} (clipseg3d)",
-                 "source": f"clipseg3d.data.phantom (seed {seed}, stream {stream}, site {site.name})",
+                 "source": f"clipseg3d.phantom.generate (seed {seed}, stream {stream}, site {site.name})",
                  "label_count": len(labels), "layout": {"kind": "msd"}, "labels": labels}
     _write_json(out / "dataset.json", dataset)
     tmp = out / f".{name}.yaml.tmp"
@@ -1090,7 +1087,7 @@ def write_multi_dataset(out: Path, cases_per_dataset: int, seed: int, site: Site
     if previous is not None and previous.get("kind") != "multi":
         raise FileExistsError(f"{out}: holds a single phantom dataset, not a multi-dataset folder")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / MARKER, {"generator": "clipseg3d.data.phantom", "kind": "multi", "seed": seed,
+    _write_json(out / MARKER, {"generator": "clipseg3d.phantom.generate", "kind": "multi", "seed": seed,
                                "datasets": names, "files": []})
     written = []
     for name in names:
@@ -1101,73 +1098,3 @@ def write_multi_dataset(out: Path, cases_per_dataset: int, seed: int, site: Site
                                      require_tumours=spec["require"], stream=spec["stream"],
                                      lesion_contrast=lesion_contrast, workers=workers))
     return written
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def _summary(folder: Path) -> str:
-    dataset = json.loads((folder / "dataset.json").read_text())
-    marker = json.loads((folder / MARKER).read_text())
-    shape = "x".join(map(str, marker["cases"][0]["shape"]))
-    lesions = sum(len(c["lesions"]) for c in marker["cases"])
-    count = dataset["numTraining"]
-    return (f"{folder}: {count} case{'s' * (count != 1)}, {len(dataset['labels']) - 1} labels, site {marker['site']}, "
-            f"{shape} voxels, {lesions} lesions")
-
-
-def _contrast_arg(text: str) -> tuple[str, tuple[float, float]]:
-    """``CLASS=LOW,HIGH`` -> (class, (low, high))."""
-    name, _, bounds = text.partition("=")
-    try:
-        low, high = (float(b) for b in bounds.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected CLASS=LOW,HIGH in HU, "
-                                         "e.g. spleen_lesion=-60,-30") from None
-    return name, (low, high)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``clipseg3d phantom``: write synthetic CT datasets."""
-    parser = argparse.ArgumentParser(prog="clipseg3d phantom", description="Write synthetic CT phantom "
-                                     "datasets (MSD layout, dataset.json and a label-map YAML).")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (empty, new or a phantom dataset)")
-    parser.add_argument("--cases", type=int, required=True, help="cases (per dataset with --multi)")
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--site", choices=list(SITES), default=None,
-                        help="scanner preset (default: 'default'; with --multi each dataset's own)")
-    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="voxel size in mm")
-    parser.add_argument("--multi", action="store_true", help=f"write {', '.join(MULTI_DATASETS)}")
-    parser.add_argument("--extra-classes", nargs="+", default=[], choices=list(EXTRA_CLASSES),
-                        help="label classes outside the built-in catalog")
-    parser.add_argument("--min-tumour-mm", type=float, default=5.0, help="smallest lesion diameter")
-    parser.add_argument("--lesion-contrast", nargs="+", default=[], metavar="CLASS=LOW,HIGH", type=_contrast_arg,
-                        help="a lesion class's HU range relative to its parent (e.g. spleen_lesion=-60,-30)")
-    parser.add_argument("--name", default="phantom", help="dataset name (single dataset)")
-    parser.add_argument("--no-tumours", action="store_true", help="draw no lesions")
-    parser.add_argument("--workers", type=int, default=1, help="parallel processes")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        if args.multi:
-            folders = write_multi_dataset(args.out, args.cases, args.seed, args.site, args.spacing,
-                                          args.extra_classes, args.min_tumour_mm,
-                                          lesion_contrast=dict(args.lesion_contrast), workers=args.workers)
-        else:
-            folders = [write_dataset(args.out, args.cases, args.seed, args.site or "default", args.spacing,
-                                     None, args.name, args.extra_classes, args.min_tumour_mm,
-                                     not args.no_tumours, lesion_contrast=dict(args.lesion_contrast),
-                                     workers=args.workers)]
-    except (ValueError, OSError) as err:
-        print(f"clipseg3d phantom: error: {err}", file=sys.stderr)
-        return 1
-    for folder in folders:
-        print(_summary(folder))
-    print(f"{len(folders)} dataset(s) in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

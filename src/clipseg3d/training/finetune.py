@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from clipseg3d.catalog import ClassCatalog, ClassEntry, load_catalog
-from clipseg3d.model import CHECKPOINT_KEY, UniversalModel, read_checkpoint, restore_model
-from clipseg3d.text_encoder import EmbeddingCache, embed_prompts
+from clipseg3d.models.checkpoint import CHECKPOINT_KEY, read_checkpoint, restore_model
+from clipseg3d.models.model import UniversalModel
+from clipseg3d.models.text_encoder import EmbeddingCache, embed_prompts
 
 FINETUNE_MODES = ("full", "head", "new_classes")
 

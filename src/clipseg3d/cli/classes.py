@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from clipseg3d.catalog import KINDS, ClassEntry
-from clipseg3d.plugins import check
+import yaml
+
+from clipseg3d.catalog import KINDS, CatalogError, ClassCatalog, ClassEntry
+from clipseg3d.catalog.plugins import Plugin, check
+from clipseg3d.data.labelmap import LabelMap, LabelMapError, available_label_maps
 
 
 def _relations(entry: ClassEntry) -> str:
@@ -37,6 +41,37 @@ def format_table(entries: Sequence[ClassEntry], prompts: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def label_map_errors(catalog: ClassCatalog, plugins: list[Plugin]) -> list[str]:
+    """One line per plugin label-map file that cannot be read, names no built-in map, or does not
+    apply (unknown class, a raw value given twice, or one another plugin already maps)."""
+    errors: list[str] = []
+    extended: dict[str, LabelMap] = {}
+    for plugin in plugins:
+        for path in plugin.label_maps:
+            try:
+                data = yaml.safe_load(Path(path).read_text())
+            except (OSError, yaml.YAMLError) as err:
+                errors.append(f"{plugin.source}: label map {path}: cannot be read ({err})")
+                continue
+            base = data.get("extends") if isinstance(data, dict) else None
+            if base not in available_label_maps():
+                errors.append(f"{plugin.source}: label map {path}: 'extends' must name a built-in dataset label map, "
+                              f"got {base!r}")
+                continue
+            try:
+                current = extended.get(base) or LabelMap.load(base, catalog=catalog)
+                extended[base] = current.extend(Path(path), catalog=catalog)
+            except (LabelMapError, CatalogError) as err:
+                errors.append(f"{plugin.source}: {err}")
+    return errors
+
+
+def report() -> tuple[ClassCatalog, list[Plugin], list[str]]:
+    """The full catalog, the plugins that fit, and one line per problem (classes and label maps)."""
+    catalog, plugins, errors = check()
+    return catalog, plugins, errors + label_map_errors(catalog, plugins)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipseg3d classes", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``clipseg3d classes``; 0 when fine, 1 when ``check`` finds problems."""
     args = build_parser().parse_args(argv)
-    catalog, plugins, errors = check()
+    catalog, plugins, errors = report()
     if args.command == "list":
         entries = [entry for entry in catalog
                    if (args.kind is None or entry.kind == args.kind)
@@ -75,6 +110,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{summary}; no problems")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

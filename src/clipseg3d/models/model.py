@@ -1,26 +1,23 @@
 """The universal model as a plain ``nn.Module``: backbone + class embedding table + dynamic head.
 
-A checkpoint written by the training task stores, beside the weights, everything needed to
-rebuild and run this module without the text encoder: class entries (names, prompts, relations),
-the embedding table, the text encoder's id, the backbone and head arguments, the classes that own
-an embedding residual and a controller adapter (classes added by fine-tuning), and the
-preprocessing (spacing, HU window, window size). :func:`load_model` reads it back.
+:meth:`UniversalModel.metadata` is what a checkpoint needs besides the weights to rebuild it
+without the text encoder: class entries (names, prompts, relations), the embedding table's size,
+the text encoder's id, the backbone and head arguments, and the classes that own an embedding
+residual and a controller adapter (classes added by fine-tuning).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from clipseg3d.backbones import Backbone, build_backbone
 from clipseg3d.catalog import ClassCatalog, ClassEntry
-from clipseg3d.head import DynamicHead
+from clipseg3d.models.backbones import Backbone, build_backbone
+from clipseg3d.models.head import DynamicHead
 
-CHECKPOINT_KEY = "clipseg3d"
 CHECKPOINT_VERSION = 1
 
 
@@ -106,38 +103,3 @@ class UniversalModel(nn.Module):
         return cls(backbone, classes, embeddings, meta["text_encoder"], head_hidden=head["hidden"],
                    head_channels=head["channels"], head_layers=head["layers"], chunk_voxels=head["chunk_voxels"],
                    adapted_classes=adapters.get("classes", ()), adapter_rank=adapters.get("rank", 4))
-
-
-class CheckpointError(RuntimeError):
-    """A file that is not a readable clipseg3d checkpoint."""
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict, checked to be a clipseg3d checkpoint."""
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path}: checkpoint not found") from err
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise CheckpointError(f"{path}: not a clipseg3d checkpoint (no {CHECKPOINT_KEY!r} metadata)")
-    return checkpoint
-
-
-def restore_model(checkpoint: dict[str, Any], path: str | Path = "<checkpoint>") -> UniversalModel:
-    """The trained :class:`UniversalModel` of a checkpoint dict read by :func:`read_checkpoint`."""
-    model = UniversalModel.from_metadata(checkpoint[CHECKPOINT_KEY])
-    prefix = "model."
-    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks weights for {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    return model
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[UniversalModel, dict[str, Any]]:
-    """Rebuild a trained :class:`UniversalModel` from a checkpoint; returns it with the metadata."""
-    checkpoint = read_checkpoint(path)
-    return restore_model(checkpoint, path).to(map_location).eval(), checkpoint[CHECKPOINT_KEY]

@@ -16,14 +16,14 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
-from clipseg3d.task import UniversalSegmentation
+from clipseg3d.training.task import UniversalSegmentation
 
 TOOLS = {
-    "phantom": ("clipseg3d.data.phantom", "write synthetic CT phantom datasets"),
-    "index": ("clipseg3d.data.index", "index a public dataset folder into a manifest"),
-    "segment": ("clipseg3d.inference.segment", "segment CT scans with a trained checkpoint"),
-    "classes": ("clipseg3d.classes_cli", "list and check the class catalog and plugins"),
-    "sweep": ("clipseg3d.sweep", "run a wandb sweep locally, without a server"),
+    "phantom": ("clipseg3d.cli.phantom", "write synthetic CT phantom datasets"),
+    "index": ("clipseg3d.cli.index", "index a public dataset folder into a manifest"),
+    "segment": ("clipseg3d.cli.segment", "segment CT scans with a trained checkpoint"),
+    "classes": ("clipseg3d.cli.classes", "list and check the class catalog and plugins"),
+    "sweep": ("clipseg3d.cli.sweep", "run a wandb sweep locally, without a server"),
 }
 
 

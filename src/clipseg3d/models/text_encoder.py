@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from clipseg3d.files import replace_atomically
+
 CLIP_VIT_B32 = "openai/clip-vit-base-patch32"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TEXT_ENCODER = MINILM
@@ -59,7 +61,13 @@ class TextEncoder:
 
     @cached_property
     def _loaded(self):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoTokenizer,
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+        )
 
         path = resolve_model_path(self.model_id)
         try:
@@ -130,11 +138,8 @@ class EmbeddingCache:
         return entry["embedding"] if entry.get("model_id") == model_id and entry.get("prompt") == prompt else None
 
     def put(self, model_id: str, prompt: str, embedding: torch.Tensor) -> None:
-        path = self._path(model_id, prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"model_id": model_id, "prompt": prompt, "embedding": embedding.clone()}, tmp)
-        os.replace(tmp, path)
+        entry = {"model_id": model_id, "prompt": prompt, "embedding": embedding.clone()}
+        replace_atomically(self._path(model_id, prompt), lambda temp: torch.save(entry, temp))
 
 
 def embed_prompts(prompts: Sequence[str], model_id: str = DEFAULT_TEXT_ENCODER,

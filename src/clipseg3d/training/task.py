@@ -14,12 +14,22 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 from torchmetrics.segmentation import DiceScore
 
-from clipseg3d.backbones import Backbone, UNetBackbone
 from clipseg3d.catalog import ClassCatalog, load_catalog
-from clipseg3d.finetune import FinetuneError, freeze, parameter_counts, start_from_checkpoint
-from clipseg3d.losses import PartialLabelLoss
-from clipseg3d.model import CHECKPOINT_KEY, UniversalModel
-from clipseg3d.text_encoder import DEFAULT_TEXT_ENCODER, EmbeddingCache, embed_prompts
+from clipseg3d.models.backbones import Backbone, UNetBackbone
+from clipseg3d.models.checkpoint import CHECKPOINT_KEY
+from clipseg3d.models.model import UniversalModel
+from clipseg3d.models.text_encoder import (
+    DEFAULT_TEXT_ENCODER,
+    EmbeddingCache,
+    embed_prompts,
+)
+from clipseg3d.training.finetune import (
+    FinetuneError,
+    freeze,
+    parameter_counts,
+    start_from_checkpoint,
+)
+from clipseg3d.training.losses import PartialLabelLoss
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float = 0.0):
@@ -55,7 +65,7 @@ class UniversalSegmentation(L.LightningModule):
             Its backbone, head shape, weights and class embeddings are kept (the ``backbone`` and
             head shape arguments do not apply); ``classes`` it lacks are added, each with its own
             embedding residual and rank-``adapter_rank`` controller adapter (see
-            :mod:`clipseg3d.finetune`).
+            :mod:`clipseg3d.training.finetune`).
         finetune: what trains after ``init_from``: ``full`` (everything), ``head`` (the whole head;
             the backbone frozen in eval mode; validation also logs the old classes' Dice at the start
             and its drift), ``new_classes`` (only the added classes' residuals and adapters).

@@ -20,7 +20,7 @@ import yaml
 
 from clipseg3d.data.index import index_dataset, write_manifest
 from clipseg3d.data.labelmap import LabelMap
-from clipseg3d.data.phantom import write_dataset
+from clipseg3d.phantom.generate import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "demo.yaml"
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything is written")
     parser.add_argument("--max-time", help="training time limit (DD:HH:MM:SS; default: the config's)")
     args = parser.parse_args(argv)
-    from clipseg3d.cli import lightning_main
+    from clipseg3d.cli.main import lightning_main
     from clipseg3d.inference import segment
 
     out = args.out.resolve()

@@ -1,0 +1,140 @@
+"""Writing results on the scan's own grid: NIfTI masks, uint8 probabilities, DICOM-SEG, and the
+per-scan output folder that appears complete or not at all.
+
+Outputs share the input scan's grid and affine, so they overlay it in any viewer. A scan's files
+are written into ``OUT/.<name>.partial`` (:func:`partial_folder`) and renamed to ``OUT/<name>``
+when complete (:func:`publish_folder`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Mapping
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from clipseg3d.data.scans import Scan, ScanError, is_nifti
+from clipseg3d.files import replace_atomically
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path | str, dtype: np.dtype | type = np.uint8,
+                       header: nib.Nifti1Header | None = None) -> Path:
+    """Write ``array`` (first three axes on the scan grid) as NIfTI at ``path`` via a temporary file.
+
+    ``affine`` is the scan's affine; ``header`` (the source NIfTI header, optional) only lends its
+    qform/sform codes, so the data type and scaling always come from ``dtype``.
+    """
+    if not is_nifti(Path(path)):
+        raise ScanError(f"{path}: output name must end in .nii or .nii.gz")
+    out_header = nib.Nifti1Header()
+    try:
+        out_header.set_data_dtype(dtype)
+    except nib.spatialimages.HeaderDataError as err:
+        raise ScanError(f"{path}: NIfTI cannot store {np.dtype(dtype)} data (use uint8, int16, float32, ...)") from err
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=float), out_header)
+    qform_code = int(header["qform_code"]) if header is not None and int(header["qform_code"]) > 0 else 1
+    sform_code = int(header["sform_code"]) if header is not None and int(header["sform_code"]) > 0 else 1
+    image.set_qform(affine, code=qform_code)
+    image.set_sform(affine, code=sform_code)
+    image.header.set_xyzt_units("mm", "sec")
+    return replace_atomically(path, lambda temp: nib.save(image, temp))
+
+
+def _software_version() -> str:
+    try:
+        return version("clipseg3d")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write_dicom_seg(masks: Mapping[str, np.ndarray], scan: Scan, path: Path | str,
+                    kinds: Mapping[str, str] | None = None, series_description: str = "clipseg3d") -> Path | None:
+    """Write a DICOM-SEG (one binary segment per present class) referencing ``scan``'s DICOM slices.
+
+    ``masks`` maps class name to a mask on the scan grid (in class order); ``kinds`` maps class
+    name to its catalog kind, so tumours are coded as neoplasms and the rest as organs. Only the
+    slices that hold a mask are referenced, and the frames are built in memory (one byte per
+    voxel of those slices per present class). Returns ``None`` (and writes nothing) when no
+    class is present.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if scan.kind != "dicom" or not scan.dicom_datasets:
+        raise ScanError(f"{scan.path}: DICOM-SEG output needs a DICOM input series")
+    for name, mask in masks.items():
+        if mask.shape != scan.shape:
+            raise ScanError(f"{scan.path}: mask {name!r} has shape {mask.shape}, scan has {scan.shape}")
+    present = {name: mask for name, mask in masks.items() if mask.any()}
+    if not present:
+        return None
+    slices = np.flatnonzero(np.any(np.stack([mask.any(axis=(0, 1)) for mask in present.values()]), axis=0))
+    # [slice, row, column, segment], frames in the order of the referenced source images
+    pixels = np.stack([mask[:, :, slices].transpose(2, 1, 0) for mask in present.values()], axis=-1).astype(bool)
+    algorithm = hd.AlgorithmIdentificationSequence(name="clipseg3d", family=codes.DCM.ArtificialIntelligence,
+                                                   version=_software_version())
+    descriptions = []
+    for number, name in enumerate(present, start=1):
+        tumour = (kinds or {}).get(name) == "tumour"
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name[:64],
+            segmented_property_category=(codes.SCT.MorphologicallyAbnormalStructure if tumour
+                                         else codes.SCT.AnatomicalStructure),
+            segmented_property_type=codes.SCT.Neoplasm if tumour else codes.SCT.Organ,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+    seg = hd.seg.Segmentation(
+        source_images=[scan.dicom_datasets[k] for k in slices], pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=int(getattr(scan.dicom_datasets[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="clipseg3d",
+        manufacturer_model_name="clipseg3d", software_versions=_software_version(), device_serial_number="0",
+        series_description=series_description,
+        # an empty character set (plain ASCII) in the source is not accepted; Latin-1 is a superset of it
+        specific_character_set=scan.dicom_datasets[0].get("SpecificCharacterSet") or "ISO_IR 100")
+    return replace_atomically(Path(path), lambda temp: seg.save_as(temp))
+
+
+def as_uint8(probability: torch.Tensor) -> np.ndarray:
+    """Probabilities (0..1) as uint8 0..255: a quarter of float32, and finer than the reports need."""
+    return torch.round(probability.float().clamp(0, 1) * 255).to(torch.uint8).numpy()
+
+
+def write_probability_nifti(probability: torch.Tensor, affine: np.ndarray, path: Path) -> Path:
+    """``probability`` (0..1) as uint8 0..255 with scale slope 1/255, written atomically."""
+    data = as_uint8(probability)
+    image = nib.Nifti1Image(data, np.asarray(affine, dtype=float))
+    image.header.set_slope_inter(1.0 / 255.0, 0.0)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    return replace_atomically(path, lambda temp: nib.save(image, temp))
+
+
+# -- output folders -----------------------------------------------------------------------------
+def partial_folder(output_dir: Path, name: str) -> Path:
+    """A fresh ``OUT/.<name>.partial`` folder (a leftover from an interrupted run is removed)."""
+    partial = output_dir / f".{name}{PARTIAL_SUFFIX}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def publish_folder(partial: Path, final: Path) -> Path:
+    """Rename a complete ``partial`` folder to ``final``, replacing an existing one."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old)
+    else:
+        partial.rename(final)
+    return final

@@ -1,0 +1,134 @@
+"""Segmenting one scan end to end: preprocessing, sliding window, masks, post-processing, outputs.
+
+``labels.nii.gz`` gives each voxel its most specific class; ``masks/<class>.nii.gz`` holds the
+full mask of every class that shares voxels (tumours, their parents, any class partly hidden in
+the label map), or of all with ``all_masks``. ``probabilities/<class>.nii.gz`` (optional) holds
+uint8 0..255 with the NIfTI scale slope 1/255, so readers that apply the scaling (nibabel's
+``get_fdata``) see 0..1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from clipseg3d.catalog import ClassCatalog
+from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW, ModelGrid, preprocess
+from clipseg3d.data.scans import Scan
+from clipseg3d.files import write_text_atomic
+from clipseg3d.inference.masks import hidden_classes, nested_classes, scan_masks
+from clipseg3d.inference.outputs import (
+    write_dicom_seg,
+    write_nifti_atomic,
+    write_probability_nifti,
+)
+from clipseg3d.inference.overlay import save_overlay_png
+from clipseg3d.inference.postprocess import (
+    PostprocessConfig,
+    body_midline_x,
+    merge_label_map,
+    postprocess,
+)
+from clipseg3d.inference.report import build_report, write_report_atomic
+from clipseg3d.inference.sliding_window import predict_probabilities
+from clipseg3d.models.model import UniversalModel
+
+
+# -- per-scan outputs ---------------------------------------------------------------------------
+@dataclass
+class OutputSettings:
+    """What to write for each scan (post-processing thresholds live in ``postprocess``)."""
+
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    all_masks: bool = False
+    probabilities: bool = False
+    dicom_seg: bool = False
+    overlay: bool = True
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
+
+
+def write_scan_outputs(folder: Path, scan: Scan, grid: ModelGrid, probabilities: list[torch.Tensor],
+                       class_names: Sequence[str], catalog: ClassCatalog, settings: OutputSettings,
+                       provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write every output of one scan into ``folder``; returns the report.
+
+    ``probabilities`` are the model-grid class probabilities in ``class_names`` order; the list
+    is consumed (its items are replaced by ``None`` as each class is moved to the scan grid).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    config = settings.postprocess
+
+    def save(name: str, probability: torch.Tensor) -> None:
+        write_probability_nifti(probability, scan.affine, folder / "probabilities" / f"{name}.nii.gz")
+
+    masks, tumour_probabilities = scan_masks(grid, probabilities, class_names, catalog, config,
+                                             save if settings.probabilities else None)
+    try:
+        midline = body_midline_x(scan.array, scan.affine)
+    except ValueError:
+        midline = None
+    masks = postprocess(masks, catalog, class_names, scan.spacing, scan.affine, config, midline, in_place=True)
+    label_map, table = merge_label_map(masks, class_names, catalog)
+    write_nifti_atomic(label_map, scan.affine, folder / "labels.nii.gz", dtype=label_map.dtype, header=scan.header)
+    table_text = json.dumps({str(label): name for label, name in table.items()}, indent=2) + "\n"
+    write_text_atomic(folder / "classes.json", table_text)
+    if settings.all_masks:
+        mask_names = list(class_names)
+    else:
+        with_masks = set(nested_classes(class_names, catalog)) | set(hidden_classes(masks, label_map, class_names))
+        mask_names = [name for name in class_names if name in with_masks]
+    for name in mask_names:
+        write_nifti_atomic(masks[name], scan.affine, folder / "masks" / f"{name}.nii.gz", dtype=np.uint8,
+                           header=scan.header)
+    # Only tumour entries are read by build_report (lesion peak probabilities), so the others stay None.
+    report = build_report(masks, class_names, catalog, scan.affine, scan.spacing, probs=tumour_probabilities)
+    report.update(provenance or {})
+    write_report_atomic(report, folder / "report.json")
+    if settings.overlay:
+        save_overlay_png(scan.array, masks, class_names, scan.affine, folder / "overlay.png",
+                         window=settings.hu_window, catalog=catalog)
+    if settings.dicom_seg and scan.kind == "dicom":
+        write_dicom_seg(masks, scan, folder / "seg.dcm", kinds={name: catalog[name].kind for name in class_names})
+    return report
+
+
+@dataclass
+class Segmenter:
+    """A loaded checkpoint with the settings of one ``segment`` run."""
+
+    model: UniversalModel
+    checkpoint: Path
+    class_names: list[str]
+    spacing: list[float] | None
+    hu_window: tuple[float, float]
+    roi_size: tuple[int, int, int]
+    overlap: float
+    sw_batch_size: int
+    tta: bool
+    device: str
+    settings: OutputSettings
+
+    @property
+    def catalog(self) -> ClassCatalog:
+        return self.model.catalog
+
+    def provenance(self, scan: Scan) -> dict[str, Any]:
+        return {"input": str(scan.path), "checkpoint": str(self.checkpoint), "class_names": list(self.class_names),
+                "settings": {"spacing_mm": self.spacing, "hu_window": list(self.hu_window),
+                             "roi_size": list(self.roi_size), "overlap": self.overlap, "tta": self.tta,
+                             "threshold": self.settings.postprocess.default_threshold}}
+
+    def segment(self, scan: Scan, folder: Path) -> dict[str, Any]:
+        """Predict ``scan`` and write its outputs into ``folder``; returns the report."""
+        image, grid = preprocess(scan, self.spacing, self.hu_window)
+        indices = [self.model.class_names.index(name) for name in self.class_names]
+        probabilities = predict_probabilities(self.model, image, indices, self.roi_size, self.overlap,
+                                              self.sw_batch_size, self.tta, self.device, progress=True)
+        del image
+        return write_scan_outputs(folder, scan, grid, probabilities, self.class_names, self.catalog, self.settings,
+                                  self.provenance(scan))

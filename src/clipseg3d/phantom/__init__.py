@@ -1,0 +1,1 @@
+"""CT phantoms: synthetic bodies with organs and lesions, written as labelled datasets."""
