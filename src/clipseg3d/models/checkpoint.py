@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from clipseg3d.files import UnsafeFileError, load_torch_data
 from clipseg3d.models.model import UniversalModel
 
 CHECKPOINT_KEY = "clipseg3d"
@@ -25,9 +26,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict, checked to be a clipseg3d checkpoint."""
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_torch_data(path)
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: checkpoint not found") from err
+    except UnsafeFileError as err:
+        raise CheckpointError(str(err)) from err
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from clipseg3d.files import replace_atomically
+from clipseg3d.files import load_torch_data, replace_atomically
 
 CLIP_VIT_B32 = "openai/clip-vit-base-patch32"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -134,7 +134,7 @@ class EmbeddingCache:
         path = self._path(model_id, prompt)
         if not path.exists():
             return None
-        entry = torch.load(path, map_location="cpu", weights_only=True)
+        entry = load_torch_data(path)
         return entry["embedding"] if entry.get("model_id") == model_id and entry.get("prompt") == prompt else None
 
     def put(self, model_id: str, prompt: str, embedding: torch.Tensor) -> None:
