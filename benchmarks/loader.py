@@ -14,7 +14,7 @@ import torch
 
 from clipseg3d.cli.main import lightning_main
 from clipseg3d.data.index import index_dataset, write_manifest
-from clipseg3d.phantom.generate import write_dataset
+from clipseg3d.phantom import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver", "stomach", "aorta", "pancreas", "right_lung", "left_lung"]
@@ -25,7 +25,7 @@ def main(batches: int = 10, steps: int = 5) -> None:
         data = write_dataset(Path(folder) / "organs", 4, seed=0, classes=ORGANS, name="organs")
         manifest = Path(folder) / "organs.jsonl"
         write_manifest(index_dataset(str(data / "organs.yaml"), data), manifest)
-        cli = lightning_main(["--config", str(REPO / "experiments" / "demo.yaml"),
+        cli = lightning_main(["--config", str(REPO / "src" / "clipseg3d" / "configs" / "demo.yaml"),
                               f"--data.init_args.manifests=[{manifest}]"], run=False)
         cli.datamodule.setup("fit")
         iterator = iter(cli.datamodule.train_dataloader())

@@ -15,7 +15,7 @@ import torch
 
 from clipseg3d.models.backbones import SwinUNETRBackbone, UNetBackbone
 from clipseg3d.models.head import DynamicHead
-from clipseg3d.phantom.generate import write_dataset
+from clipseg3d.phantom import write_dataset
 
 
 def best_of(fn, repeats: int = 3) -> float:

@@ -13,8 +13,8 @@ from scipy import ndimage
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.cli.phantom import main
 from clipseg3d.data.labelmap import LabelMap
-from clipseg3d.phantom import generate as phantom
-from clipseg3d.phantom.generate import (
+from clipseg3d.phantom import (
+    ANATOMY,
     EXTRA_CLASSES,
     HU_JITTER,
     LESIONS,
@@ -22,11 +22,14 @@ from clipseg3d.phantom.generate import (
     MULTI_DATASETS,
     SITES,
     TISSUES,
+    anatomy,
     case_seed,
     generate_case,
+    write,
     write_dataset,
     write_multi_dataset,
 )
+from clipseg3d.phantom.geometry import local, rotation
 
 COARSE = (6.0, 6.0, 6.0)
 SEED = 11
@@ -68,6 +71,65 @@ def world_x(case, mask) -> float:
 def body_mask(image) -> np.ndarray:
     """Everything inside the skin outline, slice by slice (lungs and bowel gas included)."""
     return np.stack([ndimage.binary_fill_holes(image[:, :, k] > -500) for k in range(image.shape[2])], axis=2)
+
+
+# -- anatomy data and geometry primitives ----------------------------------------------------------
+EPS = np.finfo(np.float64).eps      # the rotation matrices are float64 with entries of magnitude <= 1
+
+
+def test_rotation_turns_yaw_about_z_then_pitch_about_x_then_roll_about_y():
+    assert np.allclose(rotation(90, 0, 0)[:, 0], [0, 1, 0], rtol=0, atol=4 * EPS)   # local x turned onto +y
+    assert np.allclose(rotation(0, 90, 0)[:, 1], [0, 0, 1], rtol=0, atol=4 * EPS)   # local y onto +z
+    assert np.allclose(rotation(0, 0, 90)[:, 2], [1, 0, 0], rtol=0, atol=4 * EPS)   # local z onto +x
+    y, p, r = np.radians([30.0, -50.0, 110.0])
+    rz = np.array([[np.cos(y), -np.sin(y), 0], [np.sin(y), np.cos(y), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+    ry = np.array([[np.cos(r), 0, np.sin(r)], [0, 1, 0], [-np.sin(r), 0, np.cos(r)]])
+    assert np.allclose(rotation(30, -50, 110), rz @ rx @ ry, rtol=0, atol=8 * EPS)
+    centre, rot = (10.0, -20.0, 30.0), rotation(30, -50, 110)
+    point = np.array(centre) + 5 * rot[:, 0] - 2 * rot[:, 2]
+    coords = local(tuple(np.float32([v]) for v in point), centre, rot)
+    tol = 4 * np.finfo(np.float32).eps * 30                                       # float32 at |coordinate| ~ 30
+    assert np.allclose(np.concatenate(coords), [5, 0, -2], rtol=0, atol=tol)
+
+
+def test_left_structures_mirror_the_right_ones():
+    def drawing(tissue):
+        return [s for s in ANATOMY if s["tissue"] == tissue]
+
+    for right in {s["tissue"] for s in ANATOMY if s["tissue"].startswith("right_")}:
+        assert len(drawing(right)) == len(drawing(right.replace("right_", "left_"))) > 0, right
+    (kidney,), (twin,) = drawing("right_kidney"), drawing("left_kidney")
+    assert tuple(twin["centre"]) == (-66, -38, -12) and tuple(twin["rot"]) == (25, 15, 12)
+    assert twin["group"] == "left_kidney~left" != kidney["group"]
+    right_lung, left_lung = drawing("right_lung")[0], drawing("left_lung")[0]
+    assert tuple(left_lung["apex"]) == (-50.0, 0.0, 98.0) and right_lung["apex"][2] - left_lung["apex"][2] == 10
+    with pytest.raises(ValueError, match="side 'up'"):
+        anatomy._expand({"shape": "ellipsoid", "tissue": "liver", "centre": (0, 0, 0), "semi": (1, 1, 1),
+                         "side": "up"})
+
+
+def test_vertebrae_and_ribs_are_built_from_their_tables():
+    bodies = [s for s in ANATOMY if s["tissue"] == "cortical_bone"]
+    assert [s["centre"][2] for s in bodies] == list(range(208, -113, -32))
+    assert all(s["core"] == "cancellous_bone" and "disc" in s["within"] for s in bodies)
+    transverse = [s for s in ANATOMY if s["tissue"] == "vertebral_arch" and s["centre"][0] != 0]
+    assert len(transverse) == 22 and [s["centre"][0] for s in transverse[:2]] == [24.0, -24.0]
+    ribs, cartilage = ([s for s in ANATOMY if s["tissue"] == name and s["shape"] == "tube"]
+                       for name in ("rib", "cartilage"))
+    assert len(ribs) == 12 and len(cartilage) == 8
+    ax, ay = anatomy.CAVITY[0] + 4, anatomy.CAVITY[1] + 4           # ribs run 4 mm outside the cavity
+    for rib in ribs:
+        x, y = np.array(rib["nodes"])[1:, :2].T
+        assert np.allclose((x / ax) ** 2 + (y / ay) ** 2, 1, rtol=0, atol=16 * EPS)
+    assert [rib["nodes"][0][2] - rib["nodes"][-1][2] for rib in ribs[::2]] == pytest.approx(
+        [112, 118, 120, 115, 95, 55], rel=16 * EPS)
+
+
+def test_extra_classes_are_catalog_entries():
+    entry = EXTRA_CLASSES["spleen_lesion"]
+    assert (entry.kind, entry.parents, entry.source) == ("tumour", ("spleen",), "phantom")
+    assert entry.prompt == "A computerized tomography of a spleen lesion"
 
 
 # -- determinism and geometry -----------------------------------------------------------------------
@@ -304,18 +366,18 @@ def test_write_dataset_refuses_foreign_folders_and_replaces_its_own(tmp_path):
 
 
 def test_a_failed_case_leaves_nothing_half_written(tmp_path, monkeypatch):
-    save = phantom._save_nifti
+    save = write._save_nifti
 
     def fail_on_labels(array, affine, path):
         if path.parent.name == "labelsTr":
             raise OSError("disk full")
-        return save(array, affine, path)
+        save(array, affine, path)
 
-    monkeypatch.setattr(phantom, "_save_nifti", fail_on_labels)
+    monkeypatch.setattr(write, "_save_nifti", fail_on_labels)
     with pytest.raises(OSError, match="disk full"):
         write_dataset(tmp_path / "ds", 2, seed=0, spacing=COARSE)
     assert [p for p in (tmp_path / "ds").rglob("*") if p.is_file()] == [tmp_path / "ds" / MARKER]
-    monkeypatch.setattr(phantom, "_save_nifti", save)
+    monkeypatch.setattr(write, "_save_nifti", save)
     write_dataset(tmp_path / "ds", 1, seed=0, spacing=COARSE)       # the unfinished dataset may be redone
     assert json.loads((tmp_path / "ds" / MARKER).read_text())["complete"] is True
 

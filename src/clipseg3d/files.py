@@ -19,9 +19,10 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Globals that real files need beyond torch's own allow-list (tensors, dicts, lists, numbers, strings).
 SAFE_GLOBALS: tuple = ()
@@ -75,6 +76,8 @@ def load_torch_data(path: Path | str, map_location: str | torch.device = "cpu") 
     Raises :class:`UnsafeFileError` naming the refused global, FileNotFoundError, or the
     reading error of a damaged file.
     """
+    import torch  # here, so that writing files does not load torch
+
     path = Path(path)
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
