@@ -1,16 +1,18 @@
 """Class entries and catalogs: every class the model can segment, as data.
 
 A class is a :class:`ClassEntry` (name, kind, prompt, parent organs, left/right partner,
-aliases). A :class:`ClassCatalog` is an ordered, validated collection of entries with
-case-insensitive look-up by name or alias. The built-in catalog lives in ``builtin.yaml``;
+aliases, and optionally the surface tolerance its evaluation uses). A :class:`ClassCatalog` is
+an ordered, validated collection of entries with case-insensitive look-up by name or alias. The built-in catalog lives in ``builtin.yaml``;
 plugins add entries through the ``clipseg3d.classes`` entry-point group (see
 :mod:`clipseg3d.catalog.plugins`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
+from numbers import Real
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -41,12 +43,14 @@ class ClassEntry:
     partner: str | None = None
     aliases: tuple[str, ...] = ()
     source: str = "built-in"
+    nsd_tolerance_mm: float | None = None  # normalised surface Dice tolerance; None: the evaluation default
 
     @classmethod
     def from_dict(cls, data: Mapping, template: str = DEFAULT_PROMPT_TEMPLATE, source: str = "built-in") -> "ClassEntry":
         """Build an entry from a mapping as written in a catalog YAML or by a plugin."""
         data = dict(data)
-        unknown = set(data) - {"name", "kind", "text", "prompt", "parents", "parent", "side", "partner", "aliases"}
+        unknown = set(data) - {"name", "kind", "text", "prompt", "parents", "parent", "side", "partner", "aliases",
+                               "nsd_tolerance_mm"}
         if unknown:
             raise CatalogError(f"class {data.get('name')!r} ({source}): unknown field(s) {sorted(unknown)}")
         if not data.get("name"):
@@ -61,8 +65,11 @@ class ClassEntry:
             aliases = (aliases,)
         text = data.get("text") or name.replace("_", " ")
         prompt = data.get("prompt") or template.format(text=text, name=name)
+        tolerance = data.get("nsd_tolerance_mm")
+        if isinstance(tolerance, Real) and not isinstance(tolerance, bool):
+            tolerance = float(tolerance)
         return cls(name=name, kind=kind, prompt=prompt, parents=tuple(parents), side=data.get("side"),
-                   partner=data.get("partner"), aliases=tuple(aliases), source=source)
+                   partner=data.get("partner"), aliases=tuple(aliases), source=source, nsd_tolerance_mm=tolerance)
 
     def check(self) -> None:
         """Raise :class:`CatalogError` if this entry is malformed on its own."""
@@ -75,6 +82,10 @@ class ClassEntry:
             raise CatalogError(f"{where}: a tumour needs at least one parent organ")
         if not self.prompt.strip():
             raise CatalogError(f"{where}: empty prompt")
+        tolerance = self.nsd_tolerance_mm
+        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, Real)
+                                      or not math.isfinite(tolerance) or tolerance <= 0):
+            raise CatalogError(f"{where}: nsd_tolerance_mm {tolerance!r} is not a positive number of mm")
 
 
 @dataclass

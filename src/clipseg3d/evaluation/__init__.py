@@ -1,0 +1,1 @@
+"""Scoring segmentations against ground truth: metrics, tumour detection, and the reports of ``clipseg3d evaluate``."""
