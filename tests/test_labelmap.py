@@ -1,4 +1,4 @@
-"""Dataset label maps and K-channel targets."""
+"""Dataset label maps, and the K-channel targets built through them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from clipseg3d.catalog import ClassCatalog, ClassEntry
 from clipseg3d.data.index import LAYOUTS
 from clipseg3d.data.labelmap import LabelMap, LabelMapError, available_label_maps
+from clipseg3d.data.targets import build_targets, label_volume_from_masks
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TOTALSEG_CASE = DATA / "totalseg-case"
@@ -208,7 +209,7 @@ def test_merged_kidney_splits_by_side(catalog, flip):
     affine = np.diag([-1.5 if flip else 1.5, 1.0, 1.0, 1.0])
     affine[:3, 3] = [7.0, -3.0, 2.0]
     label_map = LabelMap.load("kits19", catalog=catalog)
-    targets, labelled, report = label_map.to_targets(kidney_volume(), affine, KIDNEY_CLASSES)
+    targets, labelled, report = build_targets(label_map, kidney_volume(), affine, KIDNEY_CLASSES)
     found = counts(targets, KIDNEY_CLASSES)
     high_i, low_i = 2 * 16, 3 * 16  # voxels per block, tumour included
     right, left = (low_i, high_i) if flip else (high_i, low_i)
@@ -219,6 +220,9 @@ def test_merged_kidney_splits_by_side(catalog, flip):
     assert targets[1 if not flip else 3][16, 0, 0] == 1 and targets[3 if not flip else 1][16, 0, 0] == 0
     assert labelled.tolist() == [False, True, True, True, False]
     assert report["midline_from"] == "labels"
+    by_method = label_map.to_targets(kidney_volume(), affine, KIDNEY_CLASSES)
+    assert np.array_equal(by_method[0], targets) and np.array_equal(by_method[1], labelled)
+    assert by_method[2] == report
 
 
 def test_image_gives_the_body_midline(catalog):
@@ -228,14 +232,14 @@ def test_image_gives_the_body_midline(catalog):
     image[:10] = 40  # body centroid i = 4.5
     label_map = LabelMap.load("kits19", catalog=catalog)
     names = ["right_kidney", "left_kidney"]
-    by_labels, _, report = label_map.to_targets(label, np.eye(4), names)
+    by_labels, _, report = build_targets(label_map, label, np.eye(4), names)
     assert report["midline_x"] == pytest.approx(7.0)
     assert by_labels[0, 8].all() and by_labels[1, 6].all()
-    by_body, _, report = label_map.to_targets(label, np.eye(4), names, image=image)
+    by_body, _, report = build_targets(label_map, label, np.eye(4), names, image=image)
     assert report["midline_from"] == "image" and report["midline_x"] == pytest.approx(4.5)
     assert counts(by_body, names) == {"right_kidney": 8, "left_kidney": 0}
     scaled = (image + 1000) / 1040.0  # not HU any more: fall back to the labels
-    _, _, report = label_map.to_targets(label, np.eye(4), names, image=scaled)
+    _, _, report = build_targets(label_map, label, np.eye(4), names, image=scaled)
     assert report["midline_from"] == "labels"
 
 
@@ -244,11 +248,11 @@ def test_tumours_count_for_their_parent(catalog):
     label[1:5, 1:5, 1:5] = 1
     label[2:4, 2:4, 2:4] = 2
     names = ["liver", "liver_tumor", "hepatic_vessel", "hepatic_vessel_tumor"]
-    targets, labelled, _ = LabelMap.load("lits", catalog=catalog).to_targets(label, np.eye(4), names)
+    targets, labelled, _ = build_targets(LabelMap.load("lits", catalog=catalog), label, np.eye(4), names)
     assert counts(targets, names) == {"liver": 64, "liver_tumor": 8, "hepatic_vessel": 0, "hepatic_vessel_tumor": 0}
     assert labelled.tolist() == [True, True, False, False]
-    targets, labelled, _ = LabelMap.load("msd_task08_hepaticvessel", catalog=catalog).to_targets(
-        label, np.eye(4), names)
+    targets, labelled, _ = build_targets(
+        LabelMap.load("msd_task08_hepaticvessel", catalog=catalog), label, np.eye(4), names)
     assert counts(targets, names) == {"liver": 8, "liver_tumor": 0, "hepatic_vessel": 56, "hepatic_vessel_tumor": 8}
     assert labelled.tolist() == [False, False, True, True]
 
@@ -258,8 +262,8 @@ def test_unmapped_and_unknown_values_are_reported(catalog):
     label[0] = 1
     label[1, :2] = 5
     label[2, 0, 0] = 9
-    targets, labelled, report = LabelMap.load("ct_org", catalog=catalog).to_targets(
-        label, np.eye(4), ["liver", "bladder"])
+    targets, labelled, report = build_targets(
+        LabelMap.load("ct_org", catalog=catalog), label, np.eye(4), ["liver", "bladder"])
     assert counts(targets, ["liver", "bladder"]) == {"liver": 16, "bladder": 0}
     assert labelled.tolist() == [True, True]
     assert report["unmapped_present"] == [{"value": 5, "name": "bones", "voxels": 8}]
@@ -270,11 +274,11 @@ def test_unmapped_and_unknown_values_are_reported(catalog):
 def test_bad_label_volumes(catalog):
     label_map = LabelMap.load("ct_org", catalog=catalog)
     with pytest.raises(LabelMapError, match="whole numbers"):
-        label_map.to_targets(np.full((2, 2, 2), 0.5), np.eye(4), ["liver"])
+        build_targets(label_map, np.full((2, 2, 2), 0.5), np.eye(4), ["liver"])
     with pytest.raises(LabelMapError, match="non-negative"):
-        label_map.to_targets(np.full((2, 2, 2), -1, dtype=np.int16), np.eye(4), ["liver"])
+        build_targets(label_map, np.full((2, 2, 2), -1, dtype=np.int16), np.eye(4), ["liver"])
     with pytest.raises(LabelMapError, match="image shape"):
-        label_map.to_targets(np.zeros((2, 2, 2), np.uint8), np.eye(4), ["liver"], image=np.zeros((2, 2, 3)))
+        build_targets(label_map, np.zeros((2, 2, 2), np.uint8), np.eye(4), ["liver"], image=np.zeros((2, 2, 3)))
 
 
 # -- per-structure masks and MONAI transforms --------------------------------------------------
@@ -289,16 +293,28 @@ def write_masks(folder: Path, affine: np.ndarray) -> Path:
     return folder
 
 
-def test_from_segmentations(tmp_path, catalog):
+def test_label_volume_from_masks(tmp_path, catalog):
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     folder = write_masks(tmp_path / "segmentations", affine)
     label_map = LabelMap.load("totalsegmentator_v2", catalog=catalog)
-    label, found_affine = label_map.from_segmentations(folder)
+    label, found_affine = label_volume_from_masks(label_map, folder)
     assert np.array_equal(found_affine, affine)
     assert label.dtype == np.uint8 and (label[:2] == 1).all() and (label[6:] == 2).all() and (label[2:6] == 0).all()
     nib.save(nib.Nifti1Image(np.zeros((8, 3, 3), np.uint8), affine), folder / "kidney_stone.nii.gz")
     with pytest.raises(LabelMapError, match=r"kidney_stone\.nii\.gz"):
-        label_map.from_segmentations(folder)
+        label_volume_from_masks(label_map, folder)
+
+
+def test_overlapping_masks_keep_the_larger_raw_value(tmp_path, catalog):
+    affine = np.eye(4)
+    folder = write_masks(tmp_path / "segmentations", affine)
+    overlap = np.zeros((8, 3, 3), dtype=np.uint8)
+    overlap[1:7] = 1  # over both the spleen (raw value 1) and the right kidney (raw value 2)
+    nib.save(nib.Nifti1Image(overlap, affine), folder / "liver.nii.gz")
+    label_map = LabelMap.load("totalsegmentator_v2", catalog=catalog)
+    label, _ = label_volume_from_masks(label_map, folder)
+    liver = label_map.value_of("liver")
+    assert liver > 2 and (label[0] == 1).all() and (label[1:7] == liver).all() and (label[7] == 2).all()
 
 
 def test_monai_transforms(tmp_path, catalog):

@@ -10,6 +10,7 @@ from clipseg3d.inference.postprocess import (
     PostprocessConfig,
     assign_pair_sides,
     body_midline_x,
+    connected_components,
     keep_largest_component,
     merge_label_map,
     postprocess,
@@ -62,6 +63,32 @@ def test_diagonal_neighbours_are_one_component():
     mask[1, 1, 1] = mask[2, 2, 2] = True
     mask[4, 0, 4] = True
     assert keep_largest_component(mask).sum() == 2
+
+
+def test_equal_size_components_keep_the_later_ones_however_many():
+    """40 blobs along axis 0, of 5 and 3 voxels in turn: the three largest kept are the last
+    three 5-voxel blobs (an unstable sort of the sizes picks others)."""
+    mask = np.zeros((240, 1, 1), bool)
+    for blob in range(40):
+        mask[6 * blob: 6 * blob + (5 if blob % 2 == 0 else 3)] = True
+    kept = keep_largest_component(mask, count=3)
+    assert np.flatnonzero(kept[:, 0, 0]).tolist() == [6 * blob + i for blob in (34, 36, 38) for i in range(5)]
+    labels, sizes, box = connected_components(mask)
+    assert sizes.tolist() == [0] + [5, 3] * 20 and box == (slice(0, 237), slice(0, 1), slice(0, 1))
+
+
+def test_connected_components_of_an_empty_mask():
+    labels, sizes, box = connected_components(np.zeros((3, 4, 5), bool))
+    assert labels.size == 0 and sizes.tolist() == [0]
+    assert not keep_largest_component(np.zeros((3, 4, 5), bool), count=2).any()
+
+
+def test_small_components_count_corner_neighbours_and_keep_one_at_the_limit():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = mask[3, 3, 3] = True     # one component through corners: 3 voxels
+    mask[7, 7, 7] = mask[7, 7, 8] = True                     # 2 voxels
+    kept = remove_small_components(mask, 0.003, (1.0, 1.0, 1.0))   # 3 voxels of 1 mm^3 = 0.003 mL
+    assert np.flatnonzero(kept).tolist() == [111, 222, 333]
 
 
 def test_remove_small_components_uses_millilitres_with_anisotropic_spacing():

@@ -20,6 +20,8 @@ AFFINE = np.array([
     [0.0, 0.0, 0.0, 1.0],
 ])
 VOXEL_ML = 0.8 * 0.8 * 2.0 / 1000.0
+ROUNDING_ML = 0.5e-6  # the report rounds volumes to 6 decimals
+ROUNDING_MM = 0.005  # and centroids to 2
 NAMES = ["liver", "liver_tumor", "kidney_tumor"]
 
 
@@ -46,27 +48,38 @@ def test_report_volumes_lesions_and_world_centroids():
     assert report["scan"]["spacing_mm"] == pytest.approx([0.8, 0.8, 2.0])
     liver = report["classes"]["liver"]
     assert liver["present"] and liver["voxels"] == 1000
-    assert liver["volume_ml"] == pytest.approx(1000 * VOXEL_ML)
+    assert liver["volume_ml"] == pytest.approx(1000 * VOXEL_ML, abs=ROUNDING_ML)
     assert "lesions" not in liver
     tumour = report["classes"]["liver_tumor"]
     assert tumour["detected"] and tumour["lesion_count"] == 2 and tumour["label"] == 2
-    assert tumour["volume_ml"] == pytest.approx(31 * VOXEL_ML)
+    assert tumour["volume_ml"] == pytest.approx(31 * VOXEL_ML, abs=ROUNDING_ML)
     big, small = tumour["lesions"]
-    assert big["voxels"] == 27 and big["volume_ml"] == pytest.approx(27 * VOXEL_ML, abs=1e-6)
+    assert big["voxels"] == 27 and big["volume_ml"] == pytest.approx(27 * VOXEL_ML, abs=ROUNDING_ML)
     # world = (100 - 0.8 i, -50 + 2 k, 30 - 0.8 j)
-    assert big["centroid_mm"] == pytest.approx([100 - 0.8 * 13, -50 + 2 * 13, 30 - 0.8 * 13])
-    assert small["centroid_mm"] == pytest.approx([100 - 0.8 * 2.5, -50 + 2 * 6, 30 - 0.8 * 4.5])
+    assert big["centroid_mm"] == pytest.approx([100 - 0.8 * 13, -50 + 2 * 13, 30 - 0.8 * 13], abs=ROUNDING_MM)
+    assert small["centroid_mm"] == pytest.approx([100 - 0.8 * 2.5, -50 + 2 * 6, 30 - 0.8 * 4.5], abs=ROUNDING_MM)
     assert big["max_probability"] == pytest.approx(0.875) and small["max_probability"] == pytest.approx(0.625)
     none = report["classes"]["kidney_tumor"]
     assert not none["present"] and not none["detected"] and none["lesion_count"] == 0 and none["lesions"] == []
     assert report["detected_tumours"] == ["liver_tumor"]
 
 
+def test_lesions_join_through_corners_and_equal_sizes_keep_voxel_order():
+    tumour = np.zeros((10, 10, 10), bool)
+    tumour[1, 1, 1] = tumour[2, 2, 2] = True   # one lesion through a corner
+    tumour[8, 8, 8] = tumour[8, 8, 9] = True   # a second lesion of the same size, later in voxel order
+    tumour[5, 0, 0] = True
+    report = build_report({"liver_tumor": tumour}, ["liver_tumor"], ClassCatalog.builtin(), np.eye(4))
+    lesions = report["classes"]["liver_tumor"]["lesions"]
+    assert [lesion["voxels"] for lesion in lesions] == [2, 2, 1]
+    assert [lesion["centroid_mm"] for lesion in lesions] == [[1.5, 1.5, 1.5], [8.0, 8.0, 8.5], [5.0, 0.0, 0.0]]
+
+
 def test_report_from_dict_with_explicit_spacing_and_atomic_write(tmp_path):
     masks, _ = _case()
     report = build_report({name: masks[i] for i, name in enumerate(NAMES)}, NAMES, ClassCatalog.builtin(),
                           np.eye(4), spacing=(1.0, 1.0, 3.0))
-    assert report["classes"]["liver"]["volume_ml"] == pytest.approx(3.0)
+    assert report["classes"]["liver"]["volume_ml"] == pytest.approx(3.0, abs=ROUNDING_ML)
     assert "max_probability" not in report["classes"]["liver_tumor"]["lesions"][0]
     path = write_report_atomic(report, tmp_path / "out" / "case.json")
     assert json.loads(path.read_text()) == report

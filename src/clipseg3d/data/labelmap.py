@@ -1,4 +1,4 @@
-"""Dataset label maps: what each raw label value of a dataset means, and K-channel targets.
+"""Dataset label maps: what each raw label value of a dataset means.
 
 A label map is a YAML file (schema: ``name``, ``title``, ``source``, ``label_count``, ``layout``,
 ``labels``) that says, for every raw value of a dataset's label volumes, the structure's name
@@ -10,14 +10,8 @@ and the catalog class(es) it stands for::
       10: {name: lung_upper_lobe_left, class: left_lung}
       26: {name: vertebrae_T11}                      # listed, no class: reported as unmapped
 
-:meth:`LabelMap.to_targets` turns a raw label volume into one binary channel per model class:
-
-- a ``split: side`` label goes, voxel by voxel, to the class whose catalog ``side`` matches the
-  voxel's side of the body (RAS world x against the body midline; right = larger x);
-- a class with catalog ``parents`` (a tumour) also counts for its parents; when the parents are
-  a left/right pair, each voxel counts for the parent on its own side.
-
-The ``layout`` mapping is read by :mod:`clipseg3d.data.index`.
+:meth:`LabelMap.to_targets` turns a raw label volume into one binary channel per model class
+(see :mod:`clipseg3d.data.targets`). The ``layout`` mapping is read by :mod:`clipseg3d.data.index`.
 """
 
 from __future__ import annotations
@@ -28,32 +22,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 import yaml
 
 from clipseg3d.catalog import CatalogError, ClassCatalog, ClassEntry, load_catalog
+from clipseg3d.data.targets import LabelMapError, RawLabel, build_targets
 
 SPLIT_RULES = ("side",)
-BODY_HU_THRESHOLD = -500.0
 MAP_FIELDS = {"name", "title", "source", "label_count", "layout", "labels"}
 EXTENSION_FIELDS = {"extends", "source", "labels"}
 LABEL_FIELDS = {"name", "class", "classes", "split"}
-_CHUNK_VOXELS = 1 << 22
-
-
-class LabelMapError(ValueError):
-    """An invalid label map or extension, or a label volume that does not fit its map."""
-
-
-@dataclass(frozen=True)
-class RawLabel:
-    """One raw value of a dataset's label volumes."""
-
-    value: int
-    name: str
-    classes: tuple[str, ...] = ()
-    split: str | None = None
 
 
 # -- YAML reading ------------------------------------------------------------------------------
@@ -304,178 +282,11 @@ class LabelMap:
                 return raw.value
         raise LabelMapError(f"label map {self.name!r} has no raw label named {name!r}")
 
-    # -- targets --------------------------------------------------------------------------------
     def to_targets(self, label: np.ndarray, affine: np.ndarray, class_names: Sequence[str],
                    image: np.ndarray | None = None, catalog: ClassCatalog | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, dict]:
-        """K binary target channels for ``class_names`` from a raw label volume.
+        """K binary target channels for ``class_names`` from a raw label volume of this dataset.
 
-        ``label``: integer-valued 3-D array; ``affine``: its 4x4 voxel-to-RAS matrix; ``image``:
-        the CT on the same grid, in HU, used for the body midline (else the labels are).
-        Returns ``targets`` (uint8, [K, *label.shape]), ``labelled`` (bool, [K]: the dataset labels
-        that class) and a report: ``unmapped_present`` and ``unknown_values`` (lists of dicts with
-        value, name, voxels), ``midline_x`` and ``midline_from`` (None when no side was needed).
+        See :func:`clipseg3d.data.targets.build_targets`, which this calls with this map.
         """
-        catalog = catalog or self.catalog or load_catalog()
-        names = catalog.resolve(class_names)
-        if len(set(names)) != len(names):
-            raise LabelMapError(f"{self.name}: class list {list(class_names)} names a class twice")
-        label = _integer_labels(label, self.name)
-        affine = np.asarray(affine, dtype=np.float64)
-        if affine.shape != (4, 4):
-            raise LabelMapError(f"{self.name}: affine must be 4x4, got shape {affine.shape}")
-        if image is not None and np.shape(image) != label.shape:
-            raise LabelMapError(f"{self.name}: image shape {np.shape(image)} differs from label shape {label.shape}")
-        counts = _value_counts(label, max(self.labels) + 1)
-        sides = _Sides(label, affine, image)
-        codes = _ClassCodes(self, catalog, counts)
-        voxel_codes = codes.assign(label, sides)
-        targets = np.zeros((len(names), *label.shape), dtype=np.uint8)
-        for k, name in enumerate(names):
-            if codes.index.get(name, -1) in codes.present:
-                targets[k] = voxel_codes == codes.index[name]
-            for tumour, parent_side in codes.feeders(name):
-                inside = voxel_codes == codes.index[tumour]
-                if parent_side is not None:
-                    inside &= sides.right() if parent_side == "right" else ~sides.right()
-                targets[k] |= inside
-        labelled = np.array([name in codes.index for name in names], dtype=bool)
-        report = {
-            "unmapped_present": [{"value": v, "name": n, "voxels": int(counts[v])}
-                                 for v, n in self.unmapped if counts[v]],
-            "unknown_values": [{"value": int(v), "voxels": int(counts[v])}
-                               for v in np.flatnonzero(counts[1:]) + 1 if int(v) not in self.labels],
-            "midline_x": sides.midline, "midline_from": sides.midline_from,
-        }
-        return targets, labelled, report
-
-    def from_segmentations(self, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-        """An id-keyed label volume and its affine from per-structure ``<name>.nii.gz`` masks."""
-        folder = Path(folder)
-        files = sorted(p for p in folder.glob("*.nii*") if not p.name.startswith("."))
-        if not files:
-            raise LabelMapError(f"{folder}: no per-structure NIfTI masks (<name>.nii.gz) found")
-        values = {raw.name: raw.value for raw in self.labels.values()}
-        stems = {path: path.name.split(".nii")[0] for path in files}
-        unknown = [path.name for path, stem in stems.items() if stem not in values]
-        if unknown:
-            raise LabelMapError(f"{folder}: mask(s) {unknown[:5]} name no raw label of label map {self.name!r}")
-        label = affine = None
-        for path in sorted(files, key=lambda p: values[stems[p]]):
-            image = nib.load(str(path))
-            if label is None:
-                dtype = np.uint8 if max(values.values()) < 256 else np.uint16
-                label, affine = np.zeros(image.shape, dtype=dtype), image.affine
-            elif image.shape != label.shape or not np.allclose(image.affine, affine, atol=1e-4):
-                raise LabelMapError(f"{path}: grid (shape {image.shape}) differs from {files[0].name} "
-                                    f"(shape {label.shape})")
-            label[np.asanyarray(image.dataobj) > 0] = values[stems[path]]
-        return label, np.asarray(affine, dtype=np.float64)
-
-
-# -- target helpers ----------------------------------------------------------------------------
-def _integer_labels(label: np.ndarray, where: str) -> np.ndarray:
-    """``label`` as a non-negative integer 3-D array (float labels must hold whole numbers)."""
-    label = np.asarray(label)
-    if label.ndim != 3:
-        raise LabelMapError(f"{where}: a label volume must be 3-D, got shape {label.shape}")
-    if label.dtype == bool:
-        return label.astype(np.uint8)
-    if np.issubdtype(label.dtype, np.unsignedinteger):
-        return label
-    low, high = (label.min(), label.max()) if label.size else (0, 0)
-    if low < 0 or not np.isfinite(high):
-        raise LabelMapError(f"{where}: label values must be finite and non-negative, found {low}..{high}")
-    dtype = np.uint8 if high < 256 else np.uint16 if high < 65536 else np.uint32
-    converted = label.astype(dtype)
-    if np.issubdtype(label.dtype, np.floating) and not np.array_equal(converted, label):
-        raise LabelMapError(f"{where}: label values must be whole numbers (resample labels with nearest)")
-    return converted
-
-
-def _value_counts(label: np.ndarray, minlength: int) -> np.ndarray:
-    """Voxel count of every raw value, in slabs to bound memory."""
-    flat = label.reshape(-1)
-    counts = np.zeros(max(minlength, int(flat.max(initial=0)) + 1), dtype=np.int64)
-    for start in range(0, flat.size, _CHUNK_VOXELS):
-        chunk = np.bincount(flat[start:start + _CHUNK_VOXELS], minlength=counts.size)
-        counts += chunk
-    return counts
-
-
-class _Sides:
-    """Which voxels lie on the patient's right, computed on first use."""
-
-    def __init__(self, label: np.ndarray, affine: np.ndarray, image: np.ndarray | None) -> None:
-        self.label, self.affine, self.image = label, affine, image
-        self.midline: float | None = None
-        self.midline_from: str | None = None
-        self._right: np.ndarray | None = None
-
-    def right(self) -> np.ndarray:
-        if self._right is None:
-            x = _world_x(self.affine, self.label.shape)
-            body = None
-            if self.image is not None:
-                image = np.asarray(self.image)
-                if image.min() < BODY_HU_THRESHOLD:  # still in HU: air outside the body
-                    body, self.midline_from = image > BODY_HU_THRESHOLD, "image"
-            if body is None or not body.any():
-                body, self.midline_from = self.label > 0, "labels"
-            self.midline = float(x[body].mean(dtype=np.float64)) if body.any() else 0.0
-            self._right = x > self.midline
-        return self._right
-
-
-def _world_x(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """RAS world x of every voxel (float32)."""
-    x = np.full((1, 1, 1), affine[0, 3], dtype=np.float32)
-    for axis, size in enumerate(shape):
-        step = (affine[0, axis] * np.arange(size)).astype(np.float32)
-        x = x + step.reshape([-1 if a == axis else 1 for a in range(3)])
-    return np.broadcast_to(x, shape)
-
-
-class _ClassCodes:
-    """Look-up tables from raw values to the map's labelled classes, and tumour -> parent links."""
-
-    def __init__(self, label_map: LabelMap, catalog: ClassCatalog, counts: np.ndarray) -> None:
-        self.catalog = catalog
-        self.index = {name: i for i, name in enumerate(label_map.labelled_classes)}
-        size = counts.size
-        self.direct = np.full(size, -1, dtype=np.int16)
-        self.by_side = {side: np.full(size, -1, dtype=np.int16) for side in ("right", "left")}
-        self.split_values: list[int] = []
-        for raw in label_map.labels.values():
-            if raw.split == "side":
-                for name in raw.classes:
-                    self.by_side[catalog[name].side][raw.value] = self.index[name]
-                self.split_values.append(raw.value)
-            elif raw.classes:
-                self.direct[raw.value] = self.index[raw.classes[0]]
-        self.present = set(np.unique(self.direct[counts > 0]).tolist())
-        present_split = [v for v in self.split_values if counts[v]]
-        for value in present_split:
-            self.present |= {int(self.by_side["right"][value]), int(self.by_side["left"][value])}
-        self.present.discard(-1)
-        self.has_split = bool(present_split)
-
-    def assign(self, label: np.ndarray, sides: _Sides) -> np.ndarray:
-        """One labelled-class code per voxel (-1: none)."""
-        codes = self.direct[label]
-        if self.has_split:
-            split = np.isin(label, self.split_values)
-            values = label[split]
-            codes[split] = np.where(sides.right()[split], self.by_side["right"][values], self.by_side["left"][values])
-        return codes
-
-    def feeders(self, parent: str) -> list[tuple[str, str | None]]:
-        """(labelled child class present in the volume, side it counts on or None) for ``parent``."""
-        out = []
-        for child in self.catalog.tumours_of(parent):
-            if self.index.get(child.name, -1) not in self.present:
-                continue
-            sides = {self.catalog[p].side for p in child.parents}
-            paired = len(child.parents) > 1 and None not in sides and len(sides) == len(child.parents)
-            out.append((child.name, self.catalog[parent].side if paired else None))
-        return out
+        return build_targets(self, label, affine, class_names, image=image, catalog=catalog)

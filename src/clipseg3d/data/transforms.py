@@ -2,7 +2,7 @@
 
 :class:`LoadSegmentationsd` loads a per-structure ``segmentations/`` folder as one label volume;
 :class:`LabelMapToTargetsd` turns a raw label volume into K target channels and the ``labelled``
-vector (see :meth:`clipseg3d.data.labelmap.LabelMap.to_targets`).
+vector (see :func:`clipseg3d.data.targets.build_targets`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from clipseg3d.catalog import ClassCatalog, load_catalog
-from clipseg3d.data.labelmap import LabelMap, LabelMapError
+from clipseg3d.data.labelmap import LabelMap
+from clipseg3d.data.targets import LabelMapError, build_targets, label_volume_from_masks
 
 
 def _numpy(value) -> np.ndarray:
@@ -66,8 +67,8 @@ class LabelMapToTargetsd(MapTransform):
             if label.shape[0] != 1:
                 raise LabelMapError(f"{key!r}: expected one channel first, got shape {tuple(label.shape)}")
             hu = _numpy(image[0]) if image is not None else None
-            targets, labelled, _ = label_map.to_targets(_numpy(label[0]), _numpy(label.affine),
-                                                        self.class_names, image=hu, catalog=self.catalog)
+            targets, labelled, _ = build_targets(label_map, _numpy(label[0]), _numpy(label.affine),
+                                                 self.class_names, image=hu, catalog=self.catalog)
             if self.target_key is not None:
                 del d[key]
             d[self.target_key or key] = MetaTensor(torch.from_numpy(targets), meta=dict(label.meta),
@@ -96,7 +97,7 @@ class LoadSegmentationsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             label_map = self.label_map or LabelMap.load(d[self.dataset_key], catalog=self.catalog)
-            label, affine = label_map.from_segmentations(Path(d.pop(key)))
+            label, affine = label_volume_from_masks(label_map, Path(d.pop(key)))
             affine_t = torch.as_tensor(affine, dtype=torch.float64)
             meta = {"affine": affine_t, "original_affine": affine_t.clone(), "space": "RAS",
                     "spatial_shape": np.array(label.shape), "original_channel_dim": 0,

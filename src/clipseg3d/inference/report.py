@@ -13,22 +13,16 @@ from scipy import ndimage
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.data.scans import voxel_spacing
 from clipseg3d.files import replace_atomically
-from clipseg3d.inference.postprocess import (
-    CONNECTIVITY,
-    Masks,
-    bounding_box,
-    class_masks,
-)
+from clipseg3d.inference.postprocess import Masks, class_masks, connected_components
 
 
 def _lesions(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, probs: np.ndarray | None) -> list[dict]:
-    """One entry per connected component of ``mask``, largest first."""
-    box = bounding_box(mask)
-    if box is None:
+    """One entry per connected component of ``mask``, largest first (of equal sizes, in label order)."""
+    labels, sizes, box = connected_components(mask)
+    if sizes.size == 1:
         return []
-    labels, count = ndimage.label(mask[box], structure=CONNECTIVITY)
-    index = np.arange(1, count + 1)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    index = np.arange(1, sizes.size)
+    sizes = sizes[1:]
     centroids = np.array(ndimage.center_of_mass(mask[box], labels, index)).reshape(-1, 3)
     centroids += [piece.start for piece in box]
     world = nib.affines.apply_affine(affine, centroids)
