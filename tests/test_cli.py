@@ -1,10 +1,17 @@
+import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
 
-from clipseg3d.cli.main import lightning_main, main
+from clipseg3d.cli import demo
+from clipseg3d.cli.main import TOOLS, lightning_main, main
 
 from conftest import REPO
 
@@ -63,3 +70,137 @@ def test_top_level_help_lists_training_and_tools(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "fit, validate, test, predict" in out and "phantom" in out and "segment" in out
+
+
+PARSED_ALIKE = [tool for tool in TOOLS if tool != "segment"]  # segment's parser is plain argparse
+UNUSABLE = [  # (tool arguments, what the error line says)
+    (["phantom", "--out", "x", "--cases", "2", "--seed", "0", "--bogus"], "unrecognized arguments: --bogus"),
+    (["phantom", "--out", "x", "--cases", "two", "--seed", "0"], 'Parser key "cases"'),
+    (["phantom", "--out", "x", "--cases", "2", "--seed", "0", "--site", "moon"], "invalid choice: 'moon'"),
+    (["phantom", "--out", "x", "--cases", "2", "--seed", "0", "--lesion-contrast", "spleen_lesion=-60"],
+     "expected CLASS=LOW,HIGH"),
+    (["index", "btcv", "/data/BTCV"], "the following arguments are required: output"),
+    (["index", "btcv", "/data/BTCV", "-o", "x.jsonl", "--bogus"], "unrecognized arguments: --bogus"),
+    (["classes", "list", "--kind", "vessel"], "invalid choice: 'vessel'"),
+    (["classes", "sort"], "invalid choice: 'sort'"),
+    (["sweep", "experiments/sweep.yaml", "--count", "0"], "0 does not conform to restriction v>0"),
+    (["sweep", "experiments/sweep.yaml"], "the following arguments are required: count"),
+    (["demo", "--max-steps", "many"], 'Parser key "max_steps"'),
+    (["demo", "--real-case", "."], "expected ct.nii.gz and labels.nii.gz"),
+]
+
+
+@pytest.mark.parametrize("argv, message", UNUSABLE, ids=lambda value: " ".join(value) if isinstance(value, list)
+                         else None)
+def test_an_unusable_option_exits_2_with_one_error_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert exit.value.code == 2 and captured.out == ""
+    prog = "clipseg3d " + " ".join(argv[:2] if argv[0] == "classes" and argv[1] == "list" else argv[:1])
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and message in lines[0], captured.err
+
+
+@pytest.mark.parametrize("tool", PARSED_ALIKE)
+def test_every_tool_has_the_same_help_layout(tool, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([tool, "--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0
+    assert out.startswith(f"usage: clipseg3d {tool} ")
+    assert re.search(r"^  -h, --help +Show this help message and exit\.$", out, re.MULTILINE)
+    assert "<class" not in out  # types by name: "type: Path"
+
+
+def test_tool_options_come_from_a_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["phantom", "--out", str(tmp_path / "p"), "--cases", "3", "--seed", "4", "--spacing", "5", "5", "6",
+              "--no-tumours", "--lesion-contrast", "spleen_lesion=-60,-30", "--print_config"])
+    saved = capsys.readouterr().out
+    options = yaml.safe_load(saved)
+    assert (options["cases"], options["spacing"], options["no_tumours"]) == (3, [5.0, 5.0, 6.0], True)
+    assert options["lesion_contrast"] == ["spleen_lesion=-60,-30"]
+    (tmp_path / "phantom.yaml").write_text(saved)
+    with pytest.raises(SystemExit):
+        main(["phantom", "--config", str(tmp_path / "phantom.yaml"), "--seed", "5", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == {**options, "seed": 5}  # the command line overrides the file
+
+    root = tmp_path / "Task09_Spleen"
+    for name in ("imagesTr/spleen_2.nii.gz", "labelsTr/spleen_2.nii.gz"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    (tmp_path / "index.yaml").write_text(f"dataset: msd_task09_spleen\nroot: {root}\noutput: {tmp_path / 'm.jsonl'}\n")
+    assert main(["index", "--config", str(tmp_path / "index.yaml")]) == 0
+    assert [json.loads(line)["case"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == ["spleen_2"]
+
+
+def test_the_demo_finds_the_real_case_by_option_variable_or_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(demo.REAL_CASE_VARIABLE, raising=False)
+    assert demo.find_real_case(None) is None
+    case = tmp_path / "project" / "shared" / "data" / "totalseg-case"
+    case.mkdir(parents=True)
+    (case / "ct.nii.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="expected ct.nii.gz and labels.nii.gz"):
+        demo.find_real_case(case)
+    (case / "labels.nii.gz").write_bytes(b"")
+    assert demo.find_real_case(case) == case
+    monkeypatch.setenv(demo.REAL_CASE_VARIABLE, str(case))
+    assert demo.find_real_case(None) == case
+    monkeypatch.delenv(demo.REAL_CASE_VARIABLE)
+    monkeypatch.chdir(tmp_path / "project")
+    assert demo.find_real_case(None) == Path("shared/data/totalseg-case")
+    (tmp_path / "project" / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "project" / "repo")
+    assert demo.find_real_case(None) == Path("../shared/data/totalseg-case")
+
+
+def test_the_demo_config_is_a_fit_config_of_the_demo_classes(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(demo.CONFIG), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["classes"] == demo.model_classes()
+    assert set(demo.GOAL_CLASSES) <= set(demo.model_classes())
+    assert not (REPO / "experiments" / "demo.yaml").exists()  # one copy, the packaged one
+
+
+def test_the_demo_runs_from_an_installed_package_outside_the_repository(tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, project / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                            "-w", str(tmp_path), str(project)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    site = tmp_path / "site"
+    zipfile.ZipFile(next(tmp_path.glob("clipseg3d-*.whl"))).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(site)}
+    probe = ("import clipseg3d.cli.demo as demo; from clipseg3d.cli.main import main; "
+             "print(demo.__file__, demo.CONFIG, demo.CONFIG.is_file()); main(['demo', '--help'])")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=environment, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    module, config, exists = result.stdout.splitlines()[0].split()
+    assert module.startswith(str(site)) and config == str(site / "clipseg3d" / "configs" / "demo.yaml")
+    assert exists == "True"
+    assert "usage: clipseg3d demo" in result.stdout and "--max-steps" in result.stdout
+    assert "runs/demo" in result.stdout  # outputs go to ./runs/demo of the current folder
+
+
+@pytest.mark.slow
+def test_a_small_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "DATASETS", {name: (2, seed, classes, required)
+                                           for name, (_, seed, classes, required) in demo.DATASETS.items()})
+    monkeypatch.setattr(demo, "HELD_OUT", ("heldout", 1, 99))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(demo.REAL_CASE_VARIABLE, raising=False)
+    assert main(["demo", "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fitted 2 steps" in out and "Real CT check" not in out
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in out.splitlines() if line.startswith("| ")][1:]
+    assert rows == demo.model_classes()
+    case = tmp_path / "runs" / "demo" / "segmentations" / "heldout_000"
+    assert (tmp_path / "runs" / "demo" / "demo.ckpt").is_file() and (case / "labels.nii.gz").is_file()

@@ -8,7 +8,6 @@ per problem.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +16,7 @@ import yaml
 
 from clipseg3d.catalog import KINDS, CatalogError, ClassCatalog, ClassEntry
 from clipseg3d.catalog.plugins import Plugin, check
+from clipseg3d.cli.parsing import CommandParser, command_parser
 from clipseg3d.data.labelmap import LabelMap, LabelMapError, available_label_maps
 
 
@@ -72,14 +72,19 @@ def report() -> tuple[ClassCatalog, list[Plugin], list[str]]:
     return catalog, plugins, errors + label_map_errors(catalog, plugins)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipseg3d classes", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="every class with its kind, relations and source")
+def build_parser() -> CommandParser:
+    parser = command_parser("classes", "List the class catalog with each class's source, and check the plugins.",
+                            config_file=False)
+    commands = parser.add_subcommands(dest="command", required=True)
+    listing = command_parser("classes list", "Every class with its kind, relations and source.",
+                             config_file=False)
     listing.add_argument("--kind", choices=KINDS, help="only classes of this kind")
     listing.add_argument("--source", help="only classes whose source contains this text (e.g. built-in, a plugin)")
     listing.add_argument("--prompts", action="store_true", help="show each class's text prompt")
-    commands.add_parser("check", help="validate the installed class plugins (exit 1 on any problem)")
+    commands.add_subcommand("list", listing, help="every class with its kind, relations and source")
+    checking = command_parser("classes check", "Validate the installed class plugins (exit 1 on any problem).",
+                              config_file=False)
+    commands.add_subcommand("check", checking, help="validate the installed class plugins (exit 1 on any problem)")
     return parser
 
 
@@ -88,10 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     catalog, plugins, errors = report()
     if args.command == "list":
+        options = args.list
         entries = [entry for entry in catalog
-                   if (args.kind is None or entry.kind == args.kind)
-                   and (args.source is None or args.source.lower() in entry.source.lower())]
-        sys.stdout.write(format_table(entries, args.prompts))
+                   if (options.kind is None or entry.kind == options.kind)
+                   and (options.source is None or options.source.lower() in entry.source.lower())]
+        sys.stdout.write(format_table(entries, options.prompts))
         for line in errors:
             print(f"warning: {line}", file=sys.stderr)
         return 0

@@ -1,30 +1,37 @@
-"""``make demo``: the main job end to end on built-in data, with no download.
+"""``clipseg3d demo``: the main job end to end on built-in data, with no download.
 
 Writes CT phantoms as three partially labelled datasets plus a fully labelled held-out set,
-indexes them, fits ``experiments/demo.yaml``, segments the held-out scans, and prints a per-class
-Dice table. When the real TotalSegmentator case is beside the project it is segmented too and
-its Dice printed as a real-data check.
+indexes them, fits the packaged ``configs/demo.yaml``, segments the held-out scans, and prints a
+per-class Dice table. Given a real TotalSegmentator case (``--real-case``, the
+``CLIPSEG3D_REAL_CASE`` variable, or ``shared/data/totalseg-case`` in or above the current
+folder) it segments that too and prints its Dice as a real-data check.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import os
 import time
+from importlib import resources
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import yaml
+from jsonargparse.typing import PositiveInt
 
+from clipseg3d.cli import segment
+from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.parsing import CommandParser, command_parser
 from clipseg3d.data.index import index_dataset, write_manifest
 from clipseg3d.data.labelmap import LabelMap
-from clipseg3d.phantom.generate import write_dataset
+from clipseg3d.phantom import write_dataset
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "experiments" / "demo.yaml"
-REAL_CASE = REPO / ".." / "shared" / "data" / "totalseg-case"
+#: the fit config the demo trains, shipped with the package
+CONFIG = resources.files("clipseg3d").joinpath("configs/demo.yaml")
+REAL_CASE_VARIABLE = "CLIPSEG3D_REAL_CASE"
+#: where the real case is looked for, relative to the current folder, when not given
+REAL_CASE_PLACES = ("shared/data/totalseg-case", "../shared/data/totalseg-case")
 GOAL_CLASSES = ["liver", "spleen", "right_kidney", "left_kidney", "right_lung", "left_lung", "stomach", "aorta"]
 ORGANS = ["spleen", "right_kidney", "left_kidney", "liver", "stomach", "aorta", "right_lung", "left_lung"]
 #: name -> (cases, seed, labelled classes, tumours every case must show)
@@ -36,9 +43,20 @@ DATASETS = {
 HELD_OUT = ("heldout", 3, 99)
 
 
-def cli_classes() -> list[str]:
-    """The model's classes as ``experiments/demo.yaml`` lists them."""
+def model_classes() -> list[str]:
+    """The model's classes as the demo config lists them."""
     return yaml.safe_load(CONFIG.read_text())["model"]["classes"]
+
+
+def find_real_case(given: Path | None) -> Path | None:
+    """The real case folder: ``given``, else ``$CLIPSEG3D_REAL_CASE``, else the first of
+    :data:`REAL_CASE_PLACES` that holds ``ct.nii.gz``; a folder named but lacking it is an error."""
+    named = given or (Path(os.environ[REAL_CASE_VARIABLE]) if os.environ.get(REAL_CASE_VARIABLE) else None)
+    if named is not None:
+        if not (named / "ct.nii.gz").exists() or not (named / "labels.nii.gz").exists():
+            raise ValueError(f"real case {named}: expected ct.nii.gz and labels.nii.gz in it")
+        return named
+    return next((Path(place) for place in REAL_CASE_PLACES if (Path(place) / "ct.nii.gz").exists()), None)
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -68,16 +86,8 @@ def print_table(title: str, rows: dict[str, list[float]]) -> None:
         print(f"| {name} | {np.nanmean(values):.3f} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipseg3d demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything is written")
-    parser.add_argument("--max-time", help="training time limit (DD:HH:MM:SS; default: the config's)")
-    args = parser.parse_args(argv)
-    from clipseg3d.cli.main import lightning_main
-    from clipseg3d.inference import segment
-
-    out = args.out.resolve()
-    started = time.time()
+def write_phantoms(out: Path) -> tuple[list[Path], Path]:
+    """The training datasets' manifests and the held-out dataset's folder, all under ``out``."""
     manifests = []
     for name, (cases, seed, classes, required) in DATASETS.items():
         folder = write_dataset(out / "data" / name, cases, seed, classes=classes, name=name,
@@ -85,47 +95,84 @@ def main(argv: list[str] | None = None) -> int:
         manifests.append(out / f"{name}.jsonl")
         write_manifest(index_dataset(str(folder / f"{name}.yaml"), folder), manifests[-1], overwrite=True)
     held_name, held_cases, held_seed = HELD_OUT
-    model_classes = cli_classes()
-    held = write_dataset(out / "data" / held_name, held_cases, held_seed, classes=model_classes, name=held_name,
+    held = write_dataset(out / "data" / held_name, held_cases, held_seed, classes=model_classes(), name=held_name,
                          min_tumour_mm=12.0)
-    print(f"phantoms written in {time.time() - started:.0f} s under {out / 'data'}")
+    return manifests, held
 
-    overrides = [f"--trainer.max_time={args.max_time}"] if args.max_time else []
-    cli = lightning_main(["--config", str(CONFIG), f"--data.init_args.manifests=[{','.join(map(str, manifests))}]",
-                          f"--trainer.default_root_dir={out / 'run'}", *overrides], run=False)
-    fit_start = time.time()
+
+def fit(out: Path, manifests: list[Path], overrides: list[str]) -> Path:
+    """Fit the demo config on the manifests; returns the checkpoint written to ``out``."""
+    with resources.as_file(CONFIG) as config:
+        cli = lightning_main(["--config", str(config), f"--data.init_args.manifests=[{','.join(map(str, manifests))}]",
+                              f"--trainer.default_root_dir={out / 'run'}", *overrides], run=False)
+    started = time.time()
     cli.trainer.fit(cli.model, cli.datamodule)
     checkpoint = out / "demo.ckpt"
     cli.trainer.save_checkpoint(checkpoint)
-    print(f"fitted {cli.trainer.global_step} steps in {time.time() - fit_start:.0f} s -> {checkpoint}")
+    print(f"fitted {cli.trainer.global_step} steps in {time.time() - started:.0f} s -> {checkpoint}")
+    return checkpoint
 
-    segmentations = out / "segmentations"
+
+def segment_held_out(held: Path, checkpoint: Path, segmentations: Path) -> int:
+    """Segment the held-out scans, print their Dice table; returns ``clipseg3d segment``'s exit status."""
     images = sorted((held / "imagesTr").glob("*.nii.gz"))
     status = segment.main([*map(str, images), "--ckpt", str(checkpoint), "-o", str(segmentations), "--overwrite"])
-    label_map = LabelMap.load(held / f"{held_name}.yaml")
+    label_map = LabelMap.load(held / f"{HELD_OUT[0]}.yaml")
     rows: dict[str, list[float]] = {}
     for image in images:
         case = image.name.removesuffix(".nii.gz")
         for name, value in score(segmentations / case, held / "labelsTr" / image.name, label_map,
-                                 model_classes).items():
+                                 model_classes()).items():
             rows.setdefault(name, []).append(value)
     print_table(f"Held-out phantoms ({len(images)} scans)", rows)
     goal = np.nanmean([np.nanmean(rows[name]) for name in GOAL_CLASSES])
     print(f"\nmean Dice over {', '.join(GOAL_CLASSES)}: {goal:.3f} (goal 0.75)")
-
-    if (REAL_CASE / "ct.nii.gz").exists():
-        real_out = out / "real-case"
-        status |= segment.main([str(REAL_CASE / "ct.nii.gz"), "--ckpt", str(checkpoint), "-o", str(real_out),
-                                "--overwrite"])
-        real = score(real_out / "ct", REAL_CASE / "labels.nii.gz", LabelMap.load("totalsegmentator_v2"),
-                     model_classes)
-        print_table("Real CT check (TotalSegmentator case; its labels are a model's predictions)",
-                    {name: [value] for name, value in real.items()})
-        print(f"real-case outputs: {real_out / 'ct'}")
-    print(f"\nmasks, reports (report.json) and overlays (overlay.png): {segmentations}/<scan>/")
-    print(f"demo finished in {(time.time() - started) / 60:.1f} min")
     return status
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def segment_real_case(case: Path, checkpoint: Path, real_out: Path) -> int:
+    """Segment the real CT case and print its Dice; returns ``clipseg3d segment``'s exit status."""
+    status = segment.main([str(case / "ct.nii.gz"), "--ckpt", str(checkpoint), "-o", str(real_out), "--overwrite"])
+    real = score(real_out / "ct", case / "labels.nii.gz", LabelMap.load("totalsegmentator_v2"), model_classes())
+    print_table("Real CT check (TotalSegmentator case; its labels are a model's predictions)",
+                {name: [value] for name, value in real.items()})
+    print(f"real-case outputs: {real_out / 'ct'}")
+    return status
+
+
+def build_parser() -> CommandParser:
+    parser = command_parser("demo", "The main job end to end on built-in data, with no download: phantoms, fit, "
+                            "segmentation of held-out scans, a Dice table.")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything is written")
+    parser.add_argument("--max-time", help="training time limit, DD:HH:MM:SS; when not given, the config's")
+    parser.add_argument("--max-steps", type=PositiveInt, help="training step limit; when not given, the config's")
+    parser.add_argument("--real-case", type=Path, help="a TotalSegmentator case folder (ct.nii.gz, labels.nii.gz) "
+                        f"to segment too; when not given, ${REAL_CASE_VARIABLE}, else {' or '.join(REAL_CASE_PLACES)} "
+                        "when present")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``clipseg3d demo``; the exit status of the segmentations."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        real_case = find_real_case(args.real_case)
+    except ValueError as err:
+        parser.error(str(err))
+    out = args.out.resolve()
+    started = time.time()
+    manifests, held = write_phantoms(out)
+    print(f"phantoms written in {time.time() - started:.0f} s under {out / 'data'}")
+    overrides = []
+    if args.max_time:
+        overrides.append(f"--trainer.max_time={args.max_time}")
+    if args.max_steps is not None:
+        overrides.append(f"--trainer.max_steps={args.max_steps}")
+    checkpoint = fit(out, manifests, overrides)
+    status = segment_held_out(held, checkpoint, out / "segmentations")
+    if real_case is not None:
+        status |= segment_real_case(real_case, checkpoint, out / "real-case")
+    print(f"\nmasks, reports (report.json) and overlays (overlay.png): {out / 'segmentations'}/<scan>/")
+    print(f"demo finished in {(time.time() - started) / 60:.1f} min")
+    return status

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
+from clipseg3d.cli.parsing import CommandParser, command_parser, fail
 from clipseg3d.data.index import LayoutError, find_cases, write_manifest
 from clipseg3d.data.labelmap import LabelMapError, available_label_maps
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clipseg3d index",
-        description="Find a dataset's (image, label) pairs and write a JSON-lines manifest.",
-        epilog=f"built-in datasets: {', '.join(available_label_maps())}")
+def build_parser() -> CommandParser:
+    parser = command_parser("index", "Find a dataset's (image, label) pairs and write a JSON-lines manifest.",
+                            epilog=f"built-in datasets: {', '.join(available_label_maps())}")
     parser.add_argument("dataset", help="a built-in dataset name or a label-map YAML path")
     parser.add_argument("root", type=Path, help="the dataset's root folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="manifest to write (.jsonl)")
@@ -26,15 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``clipseg3d index DATASET ROOT -o manifest.jsonl``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.output.exists() and not args.overwrite:
             raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
         records, skipped = find_cases(args.dataset, args.root, None, args.skip_unlabelled)
         write_manifest(records, args.output, overwrite=args.overwrite)
     except (LayoutError, LabelMapError, FileExistsError, OSError) as err:
-        print(f"clipseg3d index: error: {err}", file=sys.stderr)
-        return 1
+        return fail(parser.prog, err)
     note = f" ({len(skipped)} images without a label left out)" if skipped else ""
     print(f"wrote {len(records)} cases of {args.dataset} to {args.output}{note}")
     return 0

@@ -2,8 +2,8 @@
 
 ``fit | validate | test | predict`` go to a LightningCLI over :class:`UniversalSegmentation` and
 any LightningDataModule (YAML configs with ``--config``, ``--print_config``). The package's own
-tools (``phantom``, ``index``, ``segment``, ``classes``, ``sweep``) have their own parsers under
-the same entry point.
+tools (:data:`TOOLS`: ``phantom``, ``index``, ``segment``, ``demo``, ...) have their own parsers,
+built on :mod:`clipseg3d.cli.parsing`, under the same entry point.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ TOOLS = {
     "segment": ("clipseg3d.cli.segment", "segment CT scans with a trained checkpoint"),
     "classes": ("clipseg3d.cli.classes", "list and check the class catalog and plugins"),
     "sweep": ("clipseg3d.cli.sweep", "run a wandb sweep locally, without a server"),
+    "evaluate": ("clipseg3d.cli.evaluate", "score segment outputs against ground-truth labels"),
+    "import-weights": ("clipseg3d.cli.import_weights", "import released Universal Model / SuPreM weights"),
+    "info": ("clipseg3d.cli.info", "describe a checkpoint: classes, preprocessing, provenance"),
+    "demo": ("clipseg3d.cli.demo", "phantoms, fit, segmentation and a Dice table, end to end"),
 }
 
 

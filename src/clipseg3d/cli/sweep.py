@@ -15,7 +15,6 @@ config of the best trial, re-runnable with ``clipseg3d fit --config best.yaml``)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import difflib
@@ -34,10 +33,12 @@ import lightning as L
 import numpy as np
 import wandb
 import yaml
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.loggers import WandbLogger
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from clipseg3d.cli.main import UniversalCLI, lightning_main
+from clipseg3d.cli.parsing import CommandParser, command_parser, fail
 
 with warnings.catch_warnings():  # the engine's pydantic models use the v1 configuration style
     warnings.simplefilter("ignore")
@@ -368,16 +369,15 @@ def write_best_config(trials: Sequence[Trial], sweep: dict[str, Any], path: Path
     return target
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clipseg3d sweep",
-        description="Run a wandb sweep YAML locally with wandb's search engine, without a server. "
-                    "Arguments after `--` go to every `clipseg3d fit` (after the sweep's own); paths in the "
-                    "sweep's command are relative to the current folder, as for `wandb agent`.")
+def build_parser() -> CommandParser:
+    parser = command_parser(
+        "sweep", "Run a wandb sweep YAML locally with wandb's search engine, without a server. "
+        "Arguments after `--` go to every `clipseg3d fit` (after the sweep's own); paths in the "
+        "sweep's command are relative to the current folder, as for `wandb agent`.", config_file=False)
     parser.add_argument("sweep", type=Path, help="the sweep YAML (as for `wandb sweep`)")
-    parser.add_argument("--count", type=int, required=True, help="how many trials to run")
+    parser.add_argument("--count", type=PositiveInt, required=True, help="how many trials to run")
     parser.add_argument("--config", help="base fit config, instead of the --config of the sweep's command")
-    parser.add_argument("--out", type=Path, help="output folder (default runs/sweeps/NAME-TIME)")
+    parser.add_argument("--out", type=Path, help="output folder; when not given, runs/sweeps/NAME-TIME")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameter suggestions")
     return parser
 
@@ -386,20 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     """``clipseg3d sweep SWEEP.yaml --count N [--config BASE.yaml] [--out DIR] [-- fit args]``; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    args = build_parser().parse_args(own)
-    if args.count < 1:
-        build_parser().error("--count must be at least 1")
+    parser = build_parser()
+    args = parser.parse_args(own)
     try:
         trials = run_sweep(args.sweep, args.count, args.config, args.out, extra, args.seed)
     except SweepError as error:
-        print(f"clipseg3d sweep: error: {error}", file=sys.stderr)
-        return 1
-    finished = [trial for trial in trials if trial.history]
-    if not finished:
-        print("clipseg3d sweep: error: no trial produced the metric; see leaderboard.md", file=sys.stderr)
-        return 1
+        return fail(parser.prog, error)
+    if not any(trial.history for trial in trials):
+        return fail(parser.prog, "no trial produced the metric; see leaderboard.md")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The network: backbones, text encoder, dynamic head, the model and its checkpoints."""

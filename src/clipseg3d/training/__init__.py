@@ -1,0 +1,1 @@
+"""Training: the Lightning task, fine-tuning, losses and callbacks."""
