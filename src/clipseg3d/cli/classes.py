@@ -1,9 +1,11 @@
-"""``clipseg3d classes``: list the class catalog with each class's source, and check the plugins.
+"""``clipseg3d classes``: list the class catalog with each class's source, check the plugins, and
+find the class a plain-words name means.
 
 ``list`` prints every class (built-in and from plugins that load and fit), one line each, with
 its kind, relations and source; problems go to stderr. ``check`` validates what is installed
 (plugin imports, class names, parents and partners, plugin label maps) and exits 1 with one line
-per problem.
+per problem. ``find`` ranks the classes by text similarity to a name (see
+:mod:`clipseg3d.models.class_matching`) and exits 1 when none is accepted.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from pathlib import Path
 from typing import Sequence
 
 import yaml
+from jsonargparse.typing import PositiveInt
 
 from clipseg3d.catalog import KINDS, CatalogError, ClassCatalog, ClassEntry
 from clipseg3d.catalog.plugins import Plugin, check
 from clipseg3d.cli.parsing import CommandParser, command_parser
 from clipseg3d.data.labelmap import LabelMap, LabelMapError, available_label_maps
+from clipseg3d.models.class_matching import ClassMatcher, ClassMatchError
+from clipseg3d.models.text_encoder import DEFAULT_TEXT_ENCODER
 
 
 def _relations(entry: ClassEntry) -> str:
@@ -85,13 +90,40 @@ def build_parser() -> CommandParser:
     checking = command_parser("classes check", "Validate the installed class plugins (exit 1 on any problem).",
                               config_file=False)
     commands.add_subcommand("check", checking, help="validate the installed class plugins (exit 1 on any problem)")
+    finding = command_parser("classes find", "Rank the classes by text similarity to a name in plain words "
+                             "(exit 1 when no class is accepted).", config_file=False)
+    finding.add_argument("query", help="the name, e.g. 'kidney cancer'")
+    finding.add_argument("--top", type=PositiveInt, default=5, help="how many classes to show")
+    finding.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER,
+                         help="text encoder id or local folder (default: the built-in sentence encoder)")
+    commands.add_subcommand("find", finding, help="rank the classes by similarity to a name in plain words")
     return parser
+
+
+def find(catalog: ClassCatalog, query: str, top: int = 5, text_encoder: str = DEFAULT_TEXT_ENCODER) -> int:
+    """Print the ``top`` nearest classes to ``query`` and the verdict; 0 when a class is accepted."""
+    matcher = ClassMatcher(catalog, text_encoder)
+    try:
+        best, ranking = matcher.match(query)
+        verdict, status = f"{query!r} -> {best.name} (similarity {best.score:.2f})", 0
+    except ClassMatchError as err:
+        ranking, verdict, status = err.ranking, f"no class matched {query!r}: {err.reason}", 1
+    width = max(len(match.name) for match in ranking[:top])
+    print(f"{'class'.ljust(width)}  score  kind")
+    for match in ranking[:top]:
+        print(f"{match.name.ljust(width)}  {match.score:5.2f}  {match.kind}")
+    if matcher.fallback:
+        print(f"note: {matcher.fallback}", file=sys.stderr)
+    print(verdict)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``clipseg3d classes``; 0 when fine, 1 when ``check`` finds problems."""
     args = build_parser().parse_args(argv)
     catalog, plugins, errors = report()
+    if args.command == "find":
+        return find(catalog, args.find.query, args.find.top, args.find.text_encoder)
     if args.command == "list":
         options = args.list
         entries = [entry for entry in catalog
