@@ -1,18 +1,24 @@
-"""Peak memory and time of ``clipseg3d segment`` beside a plain float32 K-channel MONAI pipeline.
+"""Peak memory and time of ``clipseg3d segment`` beside a plain float32 K-channel MONAI pipeline
+and beside a validation pass.
 
-A synthetic CT (512 x 512 x 300 voxels at 0.8 x 0.8 x 1.5 mm; ``--quick``: 256 x 256 x 150) and
-a randomly initialised checkpoint (the demo U-Net, channels 16..256 with 32 output channels, and
-the 32 built-in classes; 1.5 mm spacing, 96^3 windows, overlap 0.5) are written to a temporary
-folder. Each measurement runs in its own process and reports that process's peak resident
-memory (``ru_maxrss``):
+A synthetic CT (512 x 512 x 300 voxels at 0.8 x 0.8 x 1.5 mm; ``--quick``: 256 x 256 x 150;
+``--model-grid``: 320 x 320 x 200 already at the model's 1.5 mm, so that the validation batch and
+``segment``'s model grid are the same volume) and a randomly initialised checkpoint (the demo
+U-Net, channels 16..256 with 32 output channels, and the 32 built-in classes; 1.5 mm spacing,
+96^3 windows, overlap 0.5) are written to a temporary folder. Each measurement runs in its own
+process and reports that process's peak resident memory (``ru_maxrss``):
 
 * ``segment``: the whole ``clipseg3d segment`` command (all default outputs written);
 * ``streaming``: scan file -> masks on the scan grid the way ``segment`` does it (float16
   per-class accumulation, one class at a time back to the scan grid);
 * ``monai``: scan file -> masks on the scan grid with a float32 K-channel ``SlidingWindowInferer``
-  output, sigmoid, and MONAI's inverse of ``Orientation`` + ``Spacing`` on all K channels at once.
+  output, sigmoid, and MONAI's inverse of ``Orientation`` + ``Spacing`` on all K channels at once;
+* ``validation``: ``trainer.validate`` of the training task over a manifest holding the scan and a
+  label file (CTDataModule's val loader: K-channel uint8 targets; the task's streaming window and
+  per-class Dice and loss).
 
-Run ``python benchmarks/segment_memory.py [--quick]``; prints a markdown table.
+Run ``python benchmarks/segment_memory.py [--quick | --model-grid] [--methods ...]``; prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-SHAPES = {"full": (512, 512, 300), "quick": (256, 256, 150)}
-VOXEL_MM = (0.8, 0.8, 1.5)
 MODEL_SPACING_MM = [1.5, 1.5, 1.5]
+# scan shape and voxel size (mm) per size option
+SCANS = {"full": ((512, 512, 300), (0.8, 0.8, 1.5)), "quick": ((256, 256, 150), (0.8, 0.8, 1.5)),
+         "model-grid": ((320, 320, 200), tuple(MODEL_SPACING_MM))}
+METHODS = ["segment", "streaming", "monai", "validation"]
 ROI = [96, 96, 96]
 OVERLAP = 0.5
 EMBEDDING_DIM = 384
@@ -43,8 +51,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux reports KiB
 
 
-def write_scan(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
-    """An elliptic body of soft tissue (40 HU) in air, with a few denser blobs and noise."""
+def write_scan(path: Path, shape: tuple[int, int, int], voxel_mm: tuple[float, float, float], seed: int = 0) -> None:
+    """An elliptic body of soft tissue (40 HU) in air, with a few denser blobs and noise; beside it
+    a label file (two boxes: AbdomenCT-1K's liver and spleen) and a one-case manifest."""
     rng = np.random.default_rng(seed)
     x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
     body = (x / 0.8) ** 2 + (y / 0.6) ** 2 <= 1.0
@@ -55,8 +64,14 @@ def write_scan(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
         box = tuple(slice(max(int(c - radius), 0), int(c + radius)) for c in centre)
         volume[box] += np.int16(rng.integers(20, 150))
     volume += rng.normal(0, 10, shape).astype(np.int16)
-    affine = np.diag([*VOXEL_MM, 1.0])
+    affine = np.diag([*voxel_mm, 1.0])
     nib.save(nib.Nifti1Image(volume, affine), path)
+    label = np.zeros(shape, np.uint8)
+    label[tuple(slice(int(0.3 * n), int(0.5 * n)) for n in shape)] = 1
+    label[tuple(slice(int(0.55 * n), int(0.7 * n)) for n in shape)] = 3
+    nib.save(nib.Nifti1Image(label, affine), path.with_name("label.nii"))
+    record = {"image": path.name, "label": "label.nii", "dataset": "abdomenct1k", "case": "scan"}
+    path.with_name("val.jsonl").write_text(json.dumps(record) + "\n")
 
 
 def write_checkpoint(path: Path, seed: int = 0) -> None:
@@ -94,20 +109,22 @@ def run_segment(scan: Path, checkpoint: Path, out: Path) -> dict:
 
 
 def run_streaming(scan_path: Path, checkpoint: Path) -> dict:
-    from clipseg3d.data.preprocess import preprocess
     from clipseg3d.data.scans import read_scan
     from clipseg3d.inference.masks import scan_masks
+    from clipseg3d.inference.pipeline import CheckpointSettings, model_grid_probabilities
     from clipseg3d.inference.postprocess import PostprocessConfig
-    from clipseg3d.inference.sliding_window import predict_probabilities
+    from clipseg3d.inference.sliding_window import StreamingInferer
     from clipseg3d.models.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
+    settings = CheckpointSettings.from_dict(meta["preprocessing"])
     times = {}
     start = time.perf_counter()
     scan = read_scan(scan_path)
-    image, grid = preprocess(scan, meta["preprocessing"]["spacing"], meta["preprocessing"]["hu_window"])
+    image, grid = settings.preprocessing(scan)
     times["preprocess"] = time.perf_counter() - start
-    probabilities = predict_probabilities(model, image, range(len(model.class_names)), ROI, OVERLAP)
+    inferer = StreamingInferer(settings.roi_size, settings.overlap)
+    probabilities = model_grid_probabilities(model, image, model.class_names, inferer)
     times["windows"] = time.perf_counter() - start - times["preprocess"]
     report_stage(times)
     masks, _ = scan_masks(grid, probabilities, model.class_names, model.catalog, PostprocessConfig())
@@ -148,6 +165,22 @@ def run_monai(scan_path: Path, checkpoint: Path) -> dict:
     return times
 
 
+def run_validation(folder: Path, checkpoint: Path) -> dict:
+    import lightning as L
+
+    from clipseg3d.data.datamodule import CTDataModule
+    from clipseg3d.training.task import UniversalSegmentation
+
+    task = UniversalSegmentation(init_from=str(checkpoint), roi_size=tuple(ROI), sw_overlap=OVERLAP)
+    data = CTDataModule(val_manifests=[str(folder / "val.jsonl")], classes=task.class_names,
+                        spacing=tuple(MODEL_SPACING_MM), crop_size=tuple(ROI))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False)
+    start = time.perf_counter()
+    (scores,) = trainer.validate(task, datamodule=data, verbose=False)
+    return {"seconds": time.perf_counter() - start, "dice_mean": float(scores.get("val/dice_mean", float("nan")))}
+
+
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     folder = Path(args.folder)
@@ -156,6 +189,8 @@ def child(args: argparse.Namespace) -> None:
         result = run_segment(scan, checkpoint, folder / "out")
     elif args.child == "streaming":
         result = run_streaming(scan, checkpoint)
+    elif args.child == "validation":
+        result = run_validation(folder, checkpoint)
     else:
         result = run_monai(scan, checkpoint)
     result["peak_rss_gb"] = peak_rss_gb()
@@ -183,26 +218,27 @@ def measure(method: str, folder: Path, threads: int, memory_limit_gb: float) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="256 x 256 x 150 voxels instead of 512 x 512 x 300")
-    parser.add_argument("--methods", nargs="+", default=["segment", "streaming", "monai"],
-                        choices=["segment", "streaming", "monai"])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="256 x 256 x 150 voxels instead of 512 x 512 x 300")
+    size.add_argument("--model-grid", action="store_true", help="320 x 320 x 200 voxels at the model's 1.5 mm")
+    parser.add_argument("--methods", nargs="+", default=["segment", "streaming", "monai"], choices=METHODS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
     parser.add_argument("--memory-limit-gb", type=float, default=round(0.75 * total_gb, 1),
                         help="address-space cap per measured process (default: 75%% of physical memory)")
-    parser.add_argument("--child", choices=["segment", "streaming", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    shape = SHAPES["quick" if args.quick else "full"]
+    shape, voxel_mm = SCANS["quick" if args.quick else "model-grid" if args.model_grid else "full"]
     with tempfile.TemporaryDirectory(prefix="clipseg3d-bench-") as temp:
         folder = Path(temp)
-        write_scan(folder / "scan.nii", shape)
+        write_scan(folder / "scan.nii", shape, voxel_mm)
         write_checkpoint(folder / "model.ckpt")
-        scan_text = f"{shape[0]}x{shape[1]}x{shape[2]} @ {'x'.join(map(str, VOXEL_MM))} mm"
+        scan_text = f"{shape[0]}x{shape[1]}x{shape[2]} @ {'x'.join(map(str, voxel_mm))} mm"
         print("| scan | classes | method | threads | time (s) | windows (s) | to scan grid (s) "
               "| peak RSS after windows (GB) | peak RSS (GB) |")
         print("|---|---|---|---|---|---|---|---|---|")

@@ -15,12 +15,12 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Orientation, Spacing
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.cli.main import lightning_main
 from clipseg3d.cli.segment import main, output_names
-from clipseg3d.data.preprocess import ModelGrid, preprocess
+from clipseg3d.data.datamodule import CTDataModule
+from clipseg3d.data.preprocess import ModelGrid, Preprocessing
 from clipseg3d.data.scans import Scan, read_scan
 from clipseg3d.inference.masks import depth, nested_classes
 from clipseg3d.inference.overlay import (
@@ -29,8 +29,13 @@ from clipseg3d.inference.overlay import (
     LEGEND_ROW_PX,
     class_colour,
 )
-from clipseg3d.inference.pipeline import OutputSettings, write_scan_outputs
-from clipseg3d.inference.sliding_window import flip_averaged, predict_probabilities, sliding_window_logits
+from clipseg3d.inference.pipeline import (
+    CheckpointSettings,
+    OutputSettings,
+    model_grid_probabilities,
+    write_scan_outputs,
+)
+from clipseg3d.inference.sliding_window import StreamingInferer, flip_averaged
 from clipseg3d.inference.writer import SegmentationWriter
 from clipseg3d.models.checkpoint import load_model
 
@@ -59,7 +64,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def synthetic_checkpoint(tmp_path_factory) -> Path:
-    """The tiny config trained for a few steps on generated volumes (no spacing recorded: native grid)."""
+    """The tiny config trained for a few steps on generated volumes."""
     folder = tmp_path_factory.mktemp("train")
     cli = lightning_main(["--config", str(REPO / "experiments" / "tiny.yaml"), "--trainer.max_steps=20",
                           "--trainer.max_epochs=-1", "--trainer.limit_val_batches=0",
@@ -86,9 +91,10 @@ def ct_checkpoint(synthetic_checkpoint, tmp_path_factory) -> Path:
 def threshold(ct_checkpoint) -> float:
     """0.5, or lower where the barely trained model is less confident, so that some class is present."""
     model, meta = load_model(ct_checkpoint)
-    image, _ = preprocess(read_scan(shared_data("totalseg-case") / "ct.nii.gz"), CT_SPACING_MM)
-    probabilities = predict_probabilities(model, image, range(len(model.class_names)),
-                                          meta["preprocessing"]["roi_size"], 0.5)
+    recorded = CheckpointSettings.from_dict(meta["preprocessing"])
+    assert recorded.preprocessing == Preprocessing(tuple(CT_SPACING_MM), (-175.0, 250.0))
+    image, _ = recorded.preprocessing(read_scan(shared_data("totalseg-case") / "ct.nii.gz"))
+    probabilities = model_grid_probabilities(model, image, model.class_names, StreamingInferer(recorded.roi_size))
     top = torch.stack(probabilities).float().amax(0)
     return float(min(0.5, torch.quantile(top.flatten(), 0.98)))
 
@@ -120,7 +126,7 @@ def test_float16_streaming_aggregation_equals_monai_sliding_window(mode):
     image = torch.rand(1, 1, 40, 27, 13)  # the last side is smaller than the window: padded and cropped back
     with torch.no_grad():
         expected = SlidingWindowInferer((16, 16, 16), sw_batch_size=3, overlap=0.5, mode=mode)(image, predictor)
-        streamed = sliding_window_logits(image, predictor, 5, (16, 16, 16), 0.5, sw_batch_size=2, mode=mode)
+        streamed = StreamingInferer((16, 16, 16), 0.5, sw_batch_size=2, mode=mode)(image, predictor)
     assert all(channel.dtype == torch.float16 for channel in streamed)
     result = torch.stack(streamed)[None].float()
     assert result.shape == expected.shape
@@ -134,7 +140,7 @@ def test_model_grid_back_to_scan_equals_monai_inverse():
     affine = np.array([[-0.8, 0, 0, 10], [0, 0, -1.5, 20], [0, 0.7, 0, -5], [0, 0, 0, 1.0]])
     scan = Scan(array=np.random.default_rng(0).uniform(-500, 500, (31, 20, 17)).astype(np.float32), affine=affine,
                 path=Path("scan.nii.gz"), kind="nifti")
-    image, grid = preprocess(scan, (1.3, 1.1, 2.0))
+    image, grid = Preprocessing((1.3, 1.1, 2.0))(scan)
     assert image.shape[1:] == grid.shape and float(image.min()) >= 0 and float(image.max()) <= 1
     spatial = Compose([Orientation(axcodes="RAS", labels=None),
                        Spacing(pixdim=(1.3, 1.1, 2.0), mode="bilinear", padding_mode="border", dtype=np.float32)])
@@ -318,27 +324,27 @@ def test_classes_option_predicts_only_the_chosen_classes(tmp_path, ct_checkpoint
     assert code == 2 and "unknown class 'heart'" in stderr and not (tmp_path / "other").exists()
 
 
-def test_prediction_writer_writes_what_segment_writes(tmp_path, synthetic_checkpoint):
+def test_prediction_writer_writes_what_segment_writes(tmp_path, ct_checkpoint, threshold):
     import lightning as L
 
     from clipseg3d.training.task import UniversalSegmentation
 
     ct = shared_data("totalseg-case") / "ct.nii.gz"
-    code, stderr = run_segment([ct, "--ckpt", synthetic_checkpoint, "-o", tmp_path / "segment", "--no-overlay",
-                                "--threshold", "0.3"])
+    code, stderr = run_segment([ct, "--ckpt", ct_checkpoint, "-o", tmp_path / "segment", "--no-overlay",
+                                "--threshold", threshold])
     assert code == 0, stderr
-    model, _ = load_model(synthetic_checkpoint)
-    task = UniversalSegmentation.load_from_checkpoint(synthetic_checkpoint, map_location="cpu",
+    model, meta = load_model(ct_checkpoint)
+    task = UniversalSegmentation.load_from_checkpoint(ct_checkpoint, map_location="cpu",
                                                       backbone=model.backbone)
-    image, _ = preprocess(read_scan(ct))  # no spacing recorded: the scan's own grid
-    loader = DataLoader([{"image": image, "image_path": str(ct)}], batch_size=1)
-    writer = SegmentationWriter(str(tmp_path / "predict"), threshold=0.3, overlay=False)
+    data = CTDataModule(classes=task.class_names, spacing=CT_SPACING_MM, predict_inputs=[str(ct)])
+    assert data.preprocessing == CheckpointSettings.from_dict(meta["preprocessing"]).preprocessing
+    writer = SegmentationWriter(str(tmp_path / "predict"), threshold=threshold, overlay=False)
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.predict(task, dataloaders=loader, return_predictions=False)
+    trainer.predict(task, datamodule=data, return_predictions=False)
     written = np.asarray(nib.load(tmp_path / "predict" / "ct" / "labels.nii.gz").dataobj)
     expected = np.asarray(nib.load(tmp_path / "segment" / "ct" / "labels.nii.gz").dataobj)
     assert written.shape == expected.shape and np.count_nonzero(expected) > 0
-    assert np.mean(written == expected) > 0.999  # float32 MONAI inferer vs float16 streaming
+    np.testing.assert_array_equal(written, expected)  # the same inferer and the same preprocessing
     report = json.loads((tmp_path / "predict" / "ct" / "report.json").read_text())
     assert report["class_names"] == task.class_names

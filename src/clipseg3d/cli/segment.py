@@ -18,11 +18,11 @@ import torch
 from tqdm import tqdm
 
 from clipseg3d.catalog import CatalogError
-from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW
 from clipseg3d.data.scans import ScanError, find_scans, read_scan, scan_stem
 from clipseg3d.inference.outputs import partial_folder, publish_folder
-from clipseg3d.inference.pipeline import OutputSettings, Segmenter
+from clipseg3d.inference.pipeline import CheckpointSettings, OutputSettings, Segmenter
 from clipseg3d.inference.postprocess import PostprocessConfig
+from clipseg3d.inference.sliding_window import StreamingInferer
 from clipseg3d.models.checkpoint import CheckpointError, load_model
 
 
@@ -116,27 +116,27 @@ def load_segmenter(args: argparse.Namespace) -> Segmenter:
             class_names = [name for name in model.class_names if name in wanted]
     except (CheckpointError, CatalogError) as err:
         raise SegmentError(str(err)) from err
-    preprocessing = meta.get("preprocessing", {})
-    roi_size = tuple(args.roi or preprocessing.get("roi_size") or (96, 96, 96))
+    recorded = CheckpointSettings.from_dict(meta.get("preprocessing"))
+    roi_size = tuple(args.roi or recorded.roi_size)
     multiple = model.backbone.size_multiple
     if any(size < 1 or size % multiple for size in roi_size):
         raise SegmentError(f"--roi {' '.join(map(str, roi_size))}: the {model.backbone.registry_name} backbone "
                            f"needs window sizes that are positive multiples of {multiple}")
-    overlap = float(args.overlap if args.overlap is not None else preprocessing.get("sw_overlap", 0.5))
+    overlap = float(args.overlap if args.overlap is not None else recorded.overlap)
     if not 0.0 <= overlap < 1.0:
         raise SegmentError(f"--overlap {overlap}: must be in [0, 1)")
     if args.sw_batch < 1:
         raise SegmentError(f"--sw-batch {args.sw_batch}: must be at least 1")
     if not 0.0 < args.threshold <= 1.0:
         raise SegmentError(f"--threshold {args.threshold}: must be in (0, 1]")
-    hu_window = tuple(float(value) for value in preprocessing.get("hu_window", DEFAULT_HU_WINDOW))
+    preprocessing = recorded.preprocessing
     settings = OutputSettings(postprocess=PostprocessConfig(default_threshold=args.threshold),
                               all_masks=args.all_masks, probabilities=args.probabilities,
-                              dicom_seg=args.dicom_seg, overlay=not args.no_overlay, hu_window=hu_window)
-    spacing = preprocessing.get("spacing")
-    return Segmenter(model=model, checkpoint=args.ckpt, class_names=class_names,
-                     spacing=list(spacing) if spacing else None, hu_window=hu_window, roi_size=roi_size,
-                     overlap=overlap, sw_batch_size=args.sw_batch, tta=args.tta, device=device, settings=settings)
+                              dicom_seg=args.dicom_seg, overlay=not args.no_overlay,
+                              hu_window=preprocessing.hu_window)
+    inferer = StreamingInferer(roi_size, overlap, sw_batch_size=args.sw_batch, tta=args.tta, progress=True)
+    return Segmenter(model=model, checkpoint=args.ckpt, class_names=class_names, preprocessing=preprocessing,
+                     inferer=inferer, settings=settings)
 
 
 def _error(message: str) -> None:

@@ -28,17 +28,16 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     OneOf,
-    Orientationd,
     RandCropByLabelClassesd,
     RandSpatialCropSamplesd,
-    ScaleIntensityRanged,
-    Spacingd,
     SpatialPadd,
 )
 from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
 
 from clipseg3d.catalog import load_catalog
 from clipseg3d.data.labelmap import LabelMap
+from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW, Preprocessing
+from clipseg3d.data.scans import find_scans, read_scan
 from clipseg3d.data.transforms import LabelMapToTargetsd, LoadSegmentationsd
 
 
@@ -80,24 +79,25 @@ def resolve_label_map(dataset: str, manifest: Path) -> str:
 
 
 class ScanDataset(torch.utils.data.Dataset):
-    """Whole scans for prediction: the network input and the scan's path, preprocessed as in training."""
+    """Whole scans for prediction: ``image`` (the network input ``[1, *S]``), ``grid`` (its
+    :class:`~clipseg3d.data.preprocess.ModelGrid`) and ``image_path`` (the scan's file or folder)."""
 
-    def __init__(self, inputs: Sequence[str], spacing: Sequence[float], hu_window: Sequence[float]):
-        from clipseg3d.data.scans import find_scans
-
+    def __init__(self, inputs: Sequence[str], preprocessing: Preprocessing):
         self.paths = find_scans([Path(path) for path in inputs])
-        self.spacing = spacing
-        self.hu_window = hu_window
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        from clipseg3d.data.preprocess import preprocess
-        from clipseg3d.data.scans import read_scan
+        image, grid = self.preprocessing(read_scan(self.paths[index]))
+        return {"image": image, "grid": grid, "image_path": str(self.paths[index])}
 
-        image, _ = preprocess(read_scan(self.paths[index]), self.spacing, self.hu_window)
-        return {"image": image, "image_path": str(self.paths[index])}
+
+def collate_scans(items: Sequence[dict]) -> dict:
+    """:class:`ScanDataset` items as a batch: images stacked, grids and paths as lists."""
+    return {"image": torch.stack([item["image"] for item in items]), "grid": [item["grid"] for item in items],
+            "image_path": [item["image_path"] for item in items]}
 
 
 def seed_worker(worker_id: int, seed: int) -> None:
@@ -135,7 +135,7 @@ class CTDataModule(L.LightningDataModule):
 
     def __init__(self, manifests: list[str] = (), val_manifests: list[str] = (), classes: list[str] | None = None,
                  spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
-                 hu_window: tuple[float, float] = (-175.0, 250.0), crop_size: tuple[int, int, int] = (96, 96, 96),
+                 hu_window: tuple[float, float] = DEFAULT_HU_WINDOW, crop_size: tuple[int, int, int] = (96, 96, 96),
                  samples_per_volume: int = 2, positive_fraction: float = 0.9, tumour_crop_weight: float = 3.0,
                  dataset_weights: dict[str, float] | None = None, samples_per_epoch: int | None = None,
                  max_crop_centres: int = 20000, val_fraction: float = 0.2, cache: Literal["none", "memory", "disk"] = "none",
@@ -145,23 +145,22 @@ class CTDataModule(L.LightningDataModule):
         self.class_names = load_catalog().resolve(classes) if classes is not None else load_catalog(with_plugins=False).names
 
     @property
-    def preprocessing(self) -> dict:
+    def preprocessing(self) -> Preprocessing:
         """What inference must repeat, recorded in checkpoints."""
-        return {"spacing": list(self.hparams.spacing), "hu_window": list(self.hparams.hu_window),
-                "orientation": "RAS"}
+        return Preprocessing(spacing=tuple(self.hparams.spacing), hu_window=tuple(self.hparams.hu_window))
 
     # -- pipelines ------------------------------------------------------------------------
     def deterministic_transforms(self, label_map: LabelMap) -> list:
-        low, high = self.hparams.hu_window
+        """Load, :attr:`preprocessing` (targets made on the model grid while the image is in HU), crop."""
+        preprocessing = self.preprocessing
         return [
             LoadImaged(keys=["image", "label"], image_only=True, allow_missing_keys=True),
             LoadSegmentationsd(keys=("segmentations",), label_map=label_map, allow_missing_keys=True),
             EnsureChannelFirstd(keys=["image", "label"]),
-            Orientationd(keys=["image", "label"], axcodes="RAS", labels=None),
-            Spacingd(keys=["image", "label"], pixdim=self.hparams.spacing, mode=("bilinear", "nearest")),
+            *preprocessing.spatial_transforms("image", ("label",)),
             LabelMapToTargetsd(keys=("label",), label_map=label_map, class_names=self.class_names,
                                image_key="image", target_key="target"),
-            ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+            *preprocessing.intensity_transforms("image"),
             CropForegroundd(keys=["image", "target"], source_key="image", margin=4, allow_smaller=True),
             SpatialPadd(keys=["image", "target"], spatial_size=self.hparams.crop_size),
             EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
@@ -260,5 +259,5 @@ class CTDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if not self.hparams.predict_inputs:
             raise ManifestError("clipseg3d predict needs scans: --data.init_args.predict_inputs=[scan.nii.gz, ...]")
-        scans = ScanDataset(self.hparams.predict_inputs, self.hparams.spacing, self.hparams.hu_window)
-        return DataLoader(scans, batch_size=1, num_workers=self.hparams.num_workers)
+        scans = ScanDataset(self.hparams.predict_inputs, self.preprocessing)
+        return DataLoader(scans, batch_size=1, num_workers=self.hparams.num_workers, collate_fn=collate_scans)

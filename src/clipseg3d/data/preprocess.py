@@ -1,8 +1,10 @@
 """One preprocessing for training and inference, and the way back to the scan grid.
 
 The network sees a scan in RAS orientation, resampled to the model's voxel spacing, with HU
-clipped to a window and scaled to [0, 1]. :func:`preprocess` does this for a :class:`Scan` and
-returns the :class:`ModelGrid` that relates the network's grid to the scan's own.
+clipped to a window and scaled to [0, 1]. :class:`Preprocessing` holds these settings (recorded
+in checkpoints); its MONAI dictionary transforms are what the training loaders run, and calling
+it on a :class:`Scan` runs the same transforms and returns the :class:`ModelGrid` that relates
+the network's grid to the scan's own.
 
 The way back to the scan grid (:meth:`ModelGrid.to_scan`) is a separable linear interpolation at
 the scan's voxel centres: the model grid is the scan grid permuted, flipped and rescaled per axis,
@@ -16,12 +18,12 @@ the scan grid (20 GB for 32 classes at that size).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing
+from monai.transforms import Compose, Orientationd, ScaleIntensityRanged, Spacingd
 
 from clipseg3d.data.scans import Scan
 
@@ -63,7 +65,8 @@ class ModelGrid:
         result = volume.float()
         scan_axes = []
         for model_axis, (scan_axis, scale, offset) in enumerate(self.axis_mapping()):
-            positions = scale * torch.arange(self.scan_shape[scan_axis], dtype=torch.float64) + offset
+            indices = torch.arange(self.scan_shape[scan_axis], dtype=torch.float64, device=result.device)
+            positions = scale * indices + offset
             result = _interpolate_axis(result, model_axis, positions)
             scan_axes.append(scan_axis)
         return result.permute([scan_axes.index(axis) for axis in range(3)]).contiguous()
@@ -72,7 +75,7 @@ class ModelGrid:
 def _interpolate_axis(volume: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of ``volume`` along ``dim`` at fractional ``positions`` (clamped to the edges)."""
     size = volume.shape[dim]
-    if len(positions) == size and torch.equal(positions, torch.arange(size, dtype=positions.dtype)):
+    if len(positions) == size and torch.equal(positions, torch.arange(size).to(positions)):
         return volume
     positions = positions.clamp(0, size - 1)
     low = positions.floor().long().clamp(max=max(size - 2, 0))
@@ -84,17 +87,66 @@ def _interpolate_axis(volume: torch.Tensor, dim: int, positions: torch.Tensor) -
     return result.lerp_(volume.index_select(dim, high), weight)
 
 
-def preprocess(scan: Scan, spacing: Sequence[float] | None = None,
-               hu_window: Sequence[float] = DEFAULT_HU_WINDOW) -> tuple[torch.Tensor, ModelGrid]:
-    """The network input ``[1, *S]`` (RAS, ``spacing`` mm or native, HU window -> [0, 1]) and its grid."""
-    spatial = [Orientation(axcodes="RAS", labels=None)]
-    if spacing is not None:
-        spatial.append(Spacing(pixdim=tuple(float(size) for size in spacing), mode="bilinear",
-                               padding_mode="border", dtype=np.float32))
-    image = MetaTensor(torch.from_numpy(scan.array)[None], affine=torch.as_tensor(scan.affine, dtype=torch.float64))
-    image = Compose(spatial)(image)
-    low, high = (float(value) for value in hu_window)
-    image = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True, dtype=torch.float32)(image)
-    grid = ModelGrid(affine=image.affine.numpy().astype(np.float64), shape=tuple(image.shape[1:]),
-                     scan_affine=np.asarray(scan.affine, dtype=np.float64), scan_shape=scan.shape)
-    return image.as_tensor().contiguous(), grid
+# -- the preprocessing ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the network's input is: RAS orientation, ``spacing`` mm voxels (``None``: the scan's
+    own grid) and the HU range ``hu_window`` clipped and scaled to [0, 1]."""
+
+    spacing: tuple[float, float, float] | None
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
+    orientation: str = "RAS"
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None:
+            if len(self.spacing) != 3 or any(float(size) <= 0 for size in self.spacing):
+                raise ValueError(f"spacing must be three positive sizes in mm, got {self.spacing}")
+            object.__setattr__(self, "spacing", tuple(float(size) for size in self.spacing))
+        low, high = (float(value) for value in self.hu_window)
+        if not low < high:
+            raise ValueError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        object.__setattr__(self, "hu_window", (low, high))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spacing": list(self.spacing) if self.spacing is not None else None,
+                "hu_window": list(self.hu_window), "orientation": self.orientation}
+
+    @classmethod
+    def from_dict(cls, recorded: Mapping[str, Any] | None) -> "Preprocessing":
+        """The preprocessing a checkpoint records; other keys (window size, overlap) are ignored and
+        missing ones take the defaults (native spacing, :data:`DEFAULT_HU_WINDOW`, RAS)."""
+        recorded = recorded or {}
+        spacing = recorded.get("spacing")
+        return cls(spacing=tuple(spacing) if spacing else None,
+                   hu_window=tuple(recorded.get("hu_window") or DEFAULT_HU_WINDOW),
+                   orientation=recorded.get("orientation") or "RAS")
+
+    def spatial_transforms(self, image_key: str = "image", label_keys: Sequence[str] = ()) -> list:
+        """Orientation and resampling (bilinear for the image, nearest for labels), channel-first inputs."""
+        keys = [image_key, *label_keys]
+        transforms = [Orientationd(keys=keys, axcodes=self.orientation, labels=None)]
+        if self.spacing is not None:
+            modes = ["bilinear"] + ["nearest"] * len(label_keys)
+            transforms.append(Spacingd(keys=keys, pixdim=self.spacing, mode=modes, padding_mode="border",
+                                       dtype=np.float32))
+        return transforms
+
+    def intensity_transforms(self, image_key: str = "image") -> list:
+        """The HU window clipped and scaled to [0, 1] (float32)."""
+        low, high = self.hu_window
+        return [ScaleIntensityRanged(keys=image_key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True,
+                                     dtype=np.float32)]
+
+    def transforms(self, image_key: str = "image", label_keys: Sequence[str] = ()) -> list:
+        """:meth:`spatial_transforms` then :meth:`intensity_transforms` (loaders that need the image
+        in HU on the model grid, for label maps' body midline, run the two parts around that step)."""
+        return self.spatial_transforms(image_key, label_keys) + self.intensity_transforms(image_key)
+
+    def __call__(self, scan: Scan) -> tuple[torch.Tensor, ModelGrid]:
+        """The network input ``[1, *S]`` (float32) of ``scan`` and its grid."""
+        image = MetaTensor(torch.from_numpy(np.asarray(scan.array, dtype=np.float32))[None],
+                           affine=torch.as_tensor(scan.affine, dtype=torch.float64))
+        image = Compose(self.transforms())({"image": image})["image"]
+        grid = ModelGrid(affine=image.affine.numpy().astype(np.float64), shape=tuple(image.shape[1:]),
+                         scan_affine=np.asarray(scan.affine, dtype=np.float64), scan_shape=scan.shape)
+        return image.as_tensor().float().contiguous(), grid

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipseg3d.catalog import ClassCatalog, load_catalog
+from clipseg3d.data.preprocess import Preprocessing
 
 
 def _ellipsoid(grid: np.ndarray, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -88,6 +89,7 @@ class SyntheticDataModule(L.LightningDataModule):
     Args:
         classes: the model's class names (linked from the model in configs).
         crop_size: size of every generated volume (so also the training crop and sliding window).
+        spacing: the voxel spacing in mm the volumes stand for (recorded in checkpoints).
         train_volumes, val_volumes: how many volumes to generate.
         num_datasets: how many partially labelling "datasets" share the training classes.
         batch_size, num_workers: loader settings.
@@ -96,11 +98,18 @@ class SyntheticDataModule(L.LightningDataModule):
     """
 
     def __init__(self, classes: list[str] | None = None, crop_size: tuple[int, int, int] = (32, 32, 32),
-                 train_volumes: int = 16, val_volumes: int = 4, num_datasets: int = 2, batch_size: int = 2,
-                 num_workers: int = 0, noise: float = 0.05, seed: int = 0):
+                 spacing: tuple[float, float, float] = (1.5, 1.5, 1.5), train_volumes: int = 16,
+                 val_volumes: int = 4, num_datasets: int = 2, batch_size: int = 2, num_workers: int = 0,
+                 noise: float = 0.05, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.class_names = load_catalog().resolve(classes) if classes is not None else load_catalog(with_plugins=False).names
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The volumes are generated on the model grid with intensities in [0, 1]: the HU window
+        (0, 1) makes the intensity scaling the identity."""
+        return Preprocessing(spacing=tuple(self.hparams.spacing), hu_window=(0.0, 1.0))
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams

@@ -85,7 +85,7 @@ def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: 
     masks: dict[str, np.ndarray] = {}
     tumour_probabilities: list[np.ndarray | None] = []
     for index, name in enumerate(class_names):
-        on_scan = grid.to_scan(probabilities[index])
+        on_scan = grid.to_scan(probabilities[index]).cpu()
         probabilities[index] = None
         masks[name] = (on_scan >= config.thresholds.get(name, config.default_threshold)).numpy()
         exclusive.add(index + 1, levels[name], on_scan, masks[name])

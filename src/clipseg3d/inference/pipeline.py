@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from clipseg3d.catalog import ClassCatalog
-from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW, ModelGrid, preprocess
+from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW, ModelGrid, Preprocessing
 from clipseg3d.data.scans import Scan
 from clipseg3d.files import write_text_atomic
 from clipseg3d.inference.masks import hidden_classes, nested_classes, scan_masks
@@ -35,11 +35,31 @@ from clipseg3d.inference.postprocess import (
     postprocess,
 )
 from clipseg3d.inference.report import build_report, write_report_atomic
-from clipseg3d.inference.sliding_window import predict_probabilities
+from clipseg3d.inference.sliding_window import StreamingInferer, class_predictor
 from clipseg3d.models.model import UniversalModel
 
+# -- settings ---------------------------------------------------------------------------------
+DEFAULT_ROI_SIZE = (96, 96, 96)
+DEFAULT_OVERLAP = 0.5
 
-# -- per-scan outputs ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """What a checkpoint records about its input: the preprocessing and the sliding window."""
+
+    preprocessing: Preprocessing
+    roi_size: tuple[int, int, int] = DEFAULT_ROI_SIZE
+    overlap: float = DEFAULT_OVERLAP
+
+    @classmethod
+    def from_dict(cls, recorded: dict[str, Any] | None) -> "CheckpointSettings":
+        """From a checkpoint's ``preprocessing`` record (``roi_size`` and ``sw_overlap`` beside
+        :meth:`Preprocessing.to_dict`'s keys); missing entries take the defaults."""
+        recorded = recorded or {}
+        return cls(Preprocessing.from_dict(recorded), tuple(recorded.get("roi_size") or DEFAULT_ROI_SIZE),
+                   float(recorded.get("sw_overlap", DEFAULT_OVERLAP)))
+
+
 @dataclass
 class OutputSettings:
     """What to write for each scan (post-processing thresholds live in ``postprocess``)."""
@@ -52,6 +72,30 @@ class OutputSettings:
     hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
 
 
+# -- from model-grid probabilities to results on the scan grid ---------------------------------
+def model_grid_probabilities(model: UniversalModel, image: torch.Tensor, class_names: Sequence[str],
+                             inferer: StreamingInferer) -> list[torch.Tensor]:
+    """Float16 probabilities of ``class_names`` for a network input ``[1, *S]`` (on the model's device)."""
+    indices = [model.class_names.index(name) for name in class_names]
+    with torch.inference_mode():
+        return [channel.sigmoid_() for channel in inferer(image[None], class_predictor(model, indices))]
+
+
+def scan_results(scan: Scan, grid: ModelGrid, probabilities: list[torch.Tensor], class_names: Sequence[str],
+                 catalog: ClassCatalog, config: PostprocessConfig,
+                 save_probability: Callable[[str, torch.Tensor], None] | None = None,
+                 ) -> tuple[dict[str, np.ndarray], list[np.ndarray | None]]:
+    """Post-processed masks on the scan grid and the tumours' uint8 probabilities (see
+    :func:`~clipseg3d.inference.masks.scan_masks`, which consumes ``probabilities``)."""
+    masks, tumour_probabilities = scan_masks(grid, probabilities, class_names, catalog, config, save_probability)
+    try:
+        midline = body_midline_x(scan.array, scan.affine)
+    except ValueError:
+        midline = None
+    masks = postprocess(masks, catalog, class_names, scan.spacing, scan.affine, config, midline, in_place=True)
+    return masks, tumour_probabilities
+
+
 def write_scan_outputs(folder: Path, scan: Scan, grid: ModelGrid, probabilities: list[torch.Tensor],
                        class_names: Sequence[str], catalog: ClassCatalog, settings: OutputSettings,
                        provenance: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -61,18 +105,12 @@ def write_scan_outputs(folder: Path, scan: Scan, grid: ModelGrid, probabilities:
     is consumed (its items are replaced by ``None`` as each class is moved to the scan grid).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    config = settings.postprocess
 
     def save(name: str, probability: torch.Tensor) -> None:
         write_probability_nifti(probability, scan.affine, folder / "probabilities" / f"{name}.nii.gz")
 
-    masks, tumour_probabilities = scan_masks(grid, probabilities, class_names, catalog, config,
-                                             save if settings.probabilities else None)
-    try:
-        midline = body_midline_x(scan.array, scan.affine)
-    except ValueError:
-        midline = None
-    masks = postprocess(masks, catalog, class_names, scan.spacing, scan.affine, config, midline, in_place=True)
+    masks, tumour_probabilities = scan_results(scan, grid, probabilities, class_names, catalog, settings.postprocess,
+                                               save if settings.probabilities else None)
     label_map, table = merge_label_map(masks, class_names, catalog)
     write_nifti_atomic(label_map, scan.affine, folder / "labels.nii.gz", dtype=label_map.dtype, header=scan.header)
     table_text = json.dumps({str(label): name for label, name in table.items()}, indent=2) + "\n"
@@ -104,13 +142,8 @@ class Segmenter:
     model: UniversalModel
     checkpoint: Path
     class_names: list[str]
-    spacing: list[float] | None
-    hu_window: tuple[float, float]
-    roi_size: tuple[int, int, int]
-    overlap: float
-    sw_batch_size: int
-    tta: bool
-    device: str
+    preprocessing: Preprocessing
+    inferer: StreamingInferer
     settings: OutputSettings
 
     @property
@@ -118,17 +151,21 @@ class Segmenter:
         return self.model.catalog
 
     def provenance(self, scan: Scan) -> dict[str, Any]:
+        spacing = self.preprocessing.spacing
         return {"input": str(scan.path), "checkpoint": str(self.checkpoint), "class_names": list(self.class_names),
-                "settings": {"spacing_mm": self.spacing, "hu_window": list(self.hu_window),
-                             "roi_size": list(self.roi_size), "overlap": self.overlap, "tta": self.tta,
-                             "threshold": self.settings.postprocess.default_threshold}}
+                "settings": {"spacing_mm": list(spacing) if spacing is not None else None,
+                             "hu_window": list(self.preprocessing.hu_window),
+                             "roi_size": list(self.inferer.roi_size), "overlap": self.inferer.overlap,
+                             "tta": self.inferer.tta, "threshold": self.settings.postprocess.default_threshold}}
+
+    def probabilities(self, scan: Scan) -> tuple[list[torch.Tensor], ModelGrid]:
+        """The class probabilities of ``scan`` on the model grid (float16, on the model's device)."""
+        image, grid = self.preprocessing(scan)
+        device = next(self.model.parameters()).device
+        return model_grid_probabilities(self.model, image.to(device), self.class_names, self.inferer), grid
 
     def segment(self, scan: Scan, folder: Path) -> dict[str, Any]:
         """Predict ``scan`` and write its outputs into ``folder``; returns the report."""
-        image, grid = preprocess(scan, self.spacing, self.hu_window)
-        indices = [self.model.class_names.index(name) for name in self.class_names]
-        probabilities = predict_probabilities(self.model, image, indices, self.roi_size, self.overlap,
-                                              self.sw_batch_size, self.tta, self.device, progress=True)
-        del image
+        probabilities, grid = self.probabilities(scan)
         return write_scan_outputs(folder, scan, grid, probabilities, self.class_names, self.catalog, self.settings,
                                   self.provenance(scan))

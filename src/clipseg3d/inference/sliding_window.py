@@ -1,11 +1,11 @@
 """Sliding-window inference whose memory does not grow with a float32 K-channel volume.
 
-:func:`sliding_window_logits` runs the backbone once per window and adds each class's window
-logits, weighted by the gaussian importance map *divided by the total weight that voxel receives
-from all windows* (a single-channel float32 map computed up front), into one float16 accumulator
-per class. Each accumulator therefore already holds the blended logit (no final division, so
-float16 never overflows) and equals MONAI's ``SlidingWindowInferer`` to float16 precision.
-MONAI's inferer keeps a float32 K-channel output volume; this keeps 2 bytes per voxel and class.
+:class:`StreamingInferer` runs the network once per window and adds each class's window logits,
+weighted by the gaussian importance map *divided by the total weight that voxel receives from
+all windows* (a single-channel float32 map computed up front), into one float16 accumulator per
+class. Each accumulator therefore already holds the blended logit (no final division, so float16
+never overflows) and equals MONAI's ``SlidingWindowInferer`` to float16 precision. MONAI's
+inferer keeps a float32 K-channel output volume; this keeps 2 bytes per voxel and class.
 
 ``tta`` averages the window logits over flips of the anterior-posterior and superior-inferior
 axes (4 passes). The left-right axis is not flipped: classes come in left/right pairs, and a
@@ -15,28 +15,31 @@ mirrored body would swap them.
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.inferers import Inferer
 from tqdm import tqdm
 
 from clipseg3d.models.model import UniversalModel
 
 # Window logits are clamped to this magnitude so float16 sums stay finite (sigmoid saturates long before).
 LOGIT_LIMIT = 1.0e4
+# Tensor dims of a window batch [N, 1, X, Y, Z] that test-time augmentation flips: A-P and S-I, never L-R.
+TTA_FLIP_DIMS = (3, 4)
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
-# -- sliding window with float16 streaming aggregation ------------------------------------------
 def class_predictor(model: UniversalModel, class_indices: Sequence[int]) -> Predictor:
     """Windows ``[N, 1, *roi]`` -> logits ``[N, k, *roi]`` for the chosen rows of the embedding table."""
-    features = model.text_features()[list(class_indices)]
+    embeddings, adapter_slots = model.class_inputs(class_indices)
 
     def predict(windows: torch.Tensor) -> torch.Tensor:
         decoder_map, global_feature = model.backbone(windows)
-        return model.head(decoder_map, global_feature, features)
+        return model.head(decoder_map, global_feature, embeddings, adapter_slots)
 
     return predict
 
@@ -54,58 +57,75 @@ def flip_averaged(predictor: Predictor, flip_dims: Sequence[int]) -> Predictor:
     return predict
 
 
-def sliding_window_logits(image: torch.Tensor, predictor: Predictor, num_classes: int, roi_size: Sequence[int],
-                          overlap: float = 0.5, sw_batch_size: int = 1, mode: str = "gaussian",
-                          sigma_scale: float = 0.125, device: str | torch.device = "cpu",
-                          progress: bool = False) -> list[torch.Tensor]:
-    """Blended window logits of ``image [1, 1, *S]`` as ``num_classes`` float16 volumes ``[*S]``.
+class StreamingInferer(Inferer):
+    """MONAI's sliding window (same windows, zero padding of sides smaller than the window,
+    interval ``int(roi * (1 - overlap))``, gaussian or constant blending) with the result
+    accumulated per class in float16: see the module docstring.
 
-    Same windows, padding and blending as MONAI's ``SlidingWindowInferer`` (constant zero
-    padding of sides smaller than the window, interval ``int(roi * (1 - overlap))``), but the
-    result is accumulated per class in float16: see the module docstring.
+    ``inferer(inputs [1, 1, *S], network)`` -> C float16 volumes ``[*S]`` of blended logits on
+    the inputs' device, where ``network(windows [N, 1, *roi]) -> [N, C, *roi]``. Runs without
+    autograd.
     """
-    if image.ndim != 5 or image.shape[:2] != (1, 1):
-        raise ValueError(f"expected one single-channel 3D image [1, 1, X, Y, Z], got {tuple(image.shape)}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    roi = tuple(int(size) for size in roi_size)
-    spatial = tuple(image.shape[2:])
-    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, spatial)]
-    if any(sum(pad) for pad in pads):
-        image = F.pad(image, [value for pad in reversed(pads) for value in pad])
-    padded = tuple(image.shape[2:])
-    interval = [r if r == s else max(int(r * (1.0 - overlap)), 1) for r, s in zip(roi, padded)]
-    windows = dense_patch_slices(padded, roi, interval)
-    importance = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, dtype=torch.float32)
-    total_weight = torch.zeros(padded)
-    for window in windows:
-        total_weight[window] += importance
-    accumulators = [torch.zeros(padded, dtype=torch.float16) for _ in range(num_classes)]
-    starts = range(0, len(windows), sw_batch_size)
-    for start in tqdm(starts, desc="windows", unit="batch", leave=False) if progress else starts:
-        batch = windows[start:start + sw_batch_size]
-        inputs = torch.cat([image[(slice(None), slice(None), *window)] for window in batch]).to(device)
-        logits = predictor(inputs).float().cpu()
-        if logits.shape[1] != num_classes:
-            raise ValueError(f"predictor gave {logits.shape[1]} channels, expected {num_classes}")
-        for window, window_logits in zip(batch, logits):
-            window_logits.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).mul_(importance / total_weight[window])
-            for accumulator, class_logits in zip(accumulators, window_logits):
-                accumulator[window] += class_logits
-    if padded != spatial:
-        crop = tuple(slice(low, low + size) for (low, _), size in zip(pads, spatial))
-        accumulators = [accumulator[crop].clone() for accumulator in accumulators]
-    return accumulators
 
+    def __init__(self, roi_size: Sequence[int], overlap: float = 0.5, sw_batch_size: int = 1,
+                 mode: str = "gaussian", sigma_scale: float = 0.125, tta: bool = False, progress: bool = False):
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be at least 1, got {sw_batch_size}")
+        self.roi_size = tuple(int(size) for size in roi_size)
+        self.overlap = float(overlap)
+        self.sw_batch_size = int(sw_batch_size)
+        self.mode = mode
+        self.sigma_scale = sigma_scale
+        self.tta = tta
+        self.progress = progress
 
-def predict_probabilities(model: UniversalModel, image: torch.Tensor, class_indices: Sequence[int],
-                          roi_size: Sequence[int], overlap: float, sw_batch_size: int = 1, tta: bool = False,
-                          device: str | torch.device = "cpu", progress: bool = False) -> list[torch.Tensor]:
-    """Per-class float16 probabilities on the model grid for a preprocessed image ``[1, *S]``."""
-    with torch.inference_mode():
-        predictor = class_predictor(model, class_indices)
-        if tta:
-            predictor = flip_averaged(predictor, (3, 4))  # A-P and S-I; never left-right (see module docstring)
-        logits = sliding_window_logits(image[None], predictor, len(class_indices), roi_size, overlap,
-                                       sw_batch_size, device=device, progress=progress)
-        return [channel.sigmoid_() for channel in logits]
+    def _windows(self, image: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[slice, ...]]]:
+        """The zero-padded image, the padding per spatial axis and the window slices."""
+        spatial = tuple(image.shape[2:])
+        pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(self.roi_size, spatial)]
+        if any(sum(pad) for pad in pads):
+            image = F.pad(image, [value for pad in reversed(pads) for value in pad])
+        padded = tuple(image.shape[2:])
+        interval = [r if r == s else max(int(r * (1.0 - self.overlap)), 1) for r, s in zip(self.roi_size, padded)]
+        return image, pads, dense_patch_slices(padded, self.roi_size, interval)
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
+                 **kwargs: Any) -> list[torch.Tensor]:
+        if inputs.ndim != 5 or tuple(inputs.shape[:2]) != (1, 1):
+            raise ValueError(f"expected one single-channel 3D image [1, 1, X, Y, Z], got {tuple(inputs.shape)}")
+        if isinstance(inputs, MetaTensor):
+            inputs = inputs.as_tensor()
+
+        def predictor(windows: torch.Tensor) -> torch.Tensor:
+            return network(windows, *args, **kwargs)
+
+        predict = flip_averaged(predictor, TTA_FLIP_DIMS) if self.tta else predictor
+        spatial = tuple(inputs.shape[2:])
+        image, pads, windows = self._windows(inputs)
+        importance = compute_importance_map(self.roi_size, mode=self.mode, sigma_scale=self.sigma_scale,
+                                            device=image.device, dtype=torch.float32)
+        total_weight = torch.zeros(image.shape[2:], device=image.device)
+        for window in windows:
+            total_weight[window] += importance
+        accumulators: list[torch.Tensor] = []
+        starts = range(0, len(windows), self.sw_batch_size)
+        for start in tqdm(starts, desc="windows", unit="batch", leave=False) if self.progress else starts:
+            batch = windows[start:start + self.sw_batch_size]
+            logits = predict(torch.cat([image[(slice(None), slice(None), *window)] for window in batch]))
+            logits = logits.to(device=image.device, dtype=torch.float32)
+            if not accumulators:
+                accumulators = [torch.zeros(image.shape[2:], dtype=torch.float16, device=image.device)
+                                for _ in range(logits.shape[1])]
+            elif logits.shape[1] != len(accumulators):
+                raise ValueError(f"network gave {logits.shape[1]} channels, then {len(accumulators)}")
+            for window, window_logits in zip(batch, logits):
+                window_logits.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).mul_(importance / total_weight[window])
+                for accumulator, class_logits in zip(accumulators, window_logits):
+                    accumulator[window] += class_logits
+        if tuple(image.shape[2:]) != spatial:
+            crop = tuple(slice(low, low + size) for (low, _), size in zip(pads, spatial))
+            accumulators = [accumulator[crop].clone() for accumulator in accumulators]
+        return accumulators
