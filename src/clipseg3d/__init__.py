@@ -10,13 +10,13 @@ from clipseg3d.moved import install as _install_moved_modules
 
 _install_moved_modules()
 
-__all__ = ["ClassCatalog", "Preprocessing", "Segmentation", "StreamingInferer", "UniversalModel", "load_catalog",
+__all__ = ["ClassCatalog", "Preprocessing", "Segmentation", "StreamingInferer", "TrainedModel", "UniversalModel", "load_catalog",
            "load_model", "segment"]
 
 
 def __getattr__(name: str):
     """The public names, each imported from its module when first asked for."""
-    if name in ("load_model", "segment", "Segmentation"):
+    if name in ("load_model", "segment", "Segmentation", "TrainedModel"):
         from clipseg3d.inference import in_memory as module
     elif name in ("ClassCatalog", "load_catalog"):
         from clipseg3d import catalog as module

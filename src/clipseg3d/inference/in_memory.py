@@ -40,15 +40,25 @@ class Segmentation:
     class_names: list[str]
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> UniversalModel:
-    """The trained model of a checkpoint, in eval mode on ``device``, with the checkpoint's
-    preprocessing and window as its ``checkpoint_settings`` (a :class:`CheckpointSettings`)."""
+@dataclass
+class TrainedModel:
+    """A checkpoint's model (eval mode) with the preprocessing and window it was trained with."""
+
+    network: UniversalModel
+    settings: CheckpointSettings
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.network.class_names
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
+    """The trained model of a checkpoint on ``device``, ready for :func:`segment`."""
     model, meta = checkpoint.load_model(path, map_location=device)
-    model.checkpoint_settings = CheckpointSettings.from_dict(meta.get("preprocessing"))
-    return model
+    return TrainedModel(model, CheckpointSettings.from_dict(meta.get("preprocessing")))
 
 
-def segment(image: np.ndarray, affine: np.ndarray, model: UniversalModel, classes: Sequence[str] | None = None,
+def segment(image: np.ndarray, affine: np.ndarray, model: TrainedModel, classes: Sequence[str] | None = None,
             threshold: float = 0.5, roi_size: Sequence[int] | None = None, overlap: float | None = None,
             tta: bool = False) -> Segmentation:
     """Segment a CT volume ``image`` (HU, 3-D) whose voxel-to-RAS matrix is ``affine`` (4x4).
@@ -56,29 +66,29 @@ def segment(image: np.ndarray, affine: np.ndarray, model: UniversalModel, classe
     ``model`` comes from :func:`load_model`; ``classes`` (names or aliases) narrows the classes
     (kept in the model's order); ``roi_size`` and ``overlap`` default to the checkpoint's.
     """
-    settings = getattr(model, "checkpoint_settings", None)
-    if not isinstance(settings, CheckpointSettings):
-        raise ValueError("the model carries no checkpoint settings: load it with clipseg3d.load_model")
+    if not isinstance(model, TrainedModel):
+        raise TypeError(f"expected a model from clipseg3d.load_model, got {type(model).__name__}")
+    settings, network = model.settings, model.network
     image, affine = np.asarray(image, dtype=np.float32), np.asarray(affine, dtype=np.float64)
     if image.ndim != 3 or affine.shape != (4, 4):
         raise ValueError(f"expected a 3-D image and a 4x4 affine, got shapes {image.shape} and {affine.shape}")
-    class_names = model.class_names
+    class_names = network.class_names
     if classes is not None:
-        wanted = set(model.catalog.resolve(classes))
+        wanted = set(network.catalog.resolve(classes))
         class_names = [name for name in class_names if name in wanted]
     scan = Scan(array=image, affine=affine, path=Path("<array>"), kind="array")
     inferer = StreamingInferer(tuple(roi_size or settings.roi_size),
                                settings.overlap if overlap is None else overlap, tta=tta)
     network_input, grid = settings.preprocessing(scan)
-    device = next(model.parameters()).device
-    probabilities = model_grid_probabilities(model, network_input.to(device), class_names, inferer)
+    device = next(network.parameters()).device
+    probabilities = model_grid_probabilities(network, network_input.to(device), class_names, inferer)
     del network_input
     on_scan: dict[str, np.ndarray] = {}
 
     def keep(name: str, probability: torch.Tensor) -> None:
         on_scan[name] = probability.numpy().astype(np.float16)
 
-    catalog = model.catalog
+    catalog = network.catalog
     masks, _ = scan_results(scan, grid, probabilities, class_names, catalog,
                             PostprocessConfig(default_threshold=threshold), keep)
     label_map, _ = merge_label_map(masks, class_names, catalog)
