@@ -72,7 +72,8 @@ def test_top_level_help_lists_training_and_tools(capsys):
     assert "fit, validate, test, predict" in out and "phantom" in out and "segment" in out
 
 
-PARSED_ALIKE = [tool for tool in TOOLS if tool != "segment"]  # segment's parser is plain argparse
+PARSED_ALIKE = list(TOOLS)
+SEGMENT = ["segment", "scan.nii.gz", "--ckpt", "model.ckpt", "-o", "out"]
 UNUSABLE = [  # (tool arguments, what the error line says)
     (["phantom", "--out", "x", "--cases", "2", "--seed", "0", "--bogus"], "unrecognized arguments: --bogus"),
     (["phantom", "--out", "x", "--cases", "two", "--seed", "0"], 'Parser key "cases"'),
@@ -87,6 +88,13 @@ UNUSABLE = [  # (tool arguments, what the error line says)
     (["sweep", "experiments/sweep.yaml"], "the following arguments are required: count"),
     (["demo", "--max-steps", "many"], 'Parser key "max_steps"'),
     (["demo", "--real-case", "."], "expected ct.nii.gz and labels.nii.gz"),
+    (["segment", "scan.nii.gz", "-o", "out"], "the following arguments are required: ckpt"),
+    (["segment", "--ckpt", "model.ckpt", "-o", "out"], "the following arguments are required: inputs"),
+    (SEGMENT + ["--device", "tpu"], "invalid choice: 'tpu'"),
+    (SEGMENT + ["--roi", "16", "16"], "argument --roi: expected 3 arguments"),
+    (SEGMENT + ["--threshold", "2"], "--threshold 2.0: must be in (0, 1]"),
+    (SEGMENT + ["--overlap", "1"], "--overlap 1.0: must be in [0, 1)"),
+    (SEGMENT + ["--sw-batch", "0"], "--sw-batch 0: must be at least 1"),
 ]
 
 

@@ -1,13 +1,16 @@
 """Writing results on the scan's own grid: NIfTI masks, uint8 probabilities, DICOM-SEG, and the
-per-scan output folder that appears complete or not at all.
+per-scan output folder that appears complete or not at all and records what it was made from.
 
 Outputs share the input scan's grid and affine, so they overlay it in any viewer. A scan's files
 are written into ``OUT/.<name>.partial`` (:func:`partial_folder`) and renamed to ``OUT/<name>``
-when complete (:func:`publish_folder`).
+when complete (:func:`publish_folder`). The folder's ``report.json`` holds the run record (input,
+checkpoint sha256, classes, settings); a rerun compares it with its own (:func:`record_difference`)
+to tell a finished scan from a folder made from something else.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,6 +24,8 @@ from clipseg3d.data.scans import Scan, ScanError, is_nifti
 from clipseg3d.files import replace_atomically
 
 PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
+RECORD_FILE = "report.json"
 
 
 def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path | str, dtype: np.dtype | type = np.uint8,
@@ -129,7 +134,7 @@ def partial_folder(output_dir: Path, name: str) -> Path:
 def publish_folder(partial: Path, final: Path) -> Path:
     """Rename a complete ``partial`` folder to ``final``, replacing an existing one."""
     if final.exists():
-        old = final.with_name(f".{final.name}.old")
+        old = final.with_name(f".{final.name}{OLD_SUFFIX}")
         if old.exists():
             shutil.rmtree(old)
         final.rename(old)
@@ -138,3 +143,46 @@ def publish_folder(partial: Path, final: Path) -> Path:
     else:
         partial.rename(final)
     return final
+
+
+def clear_leftovers(output_dir: Path, name: str) -> None:
+    """Remove what an interrupted run may have left of ``name``: its partial and its replaced folder."""
+    for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX):
+        shutil.rmtree(output_dir / f".{name}{suffix}", ignore_errors=True)
+
+
+# -- run records ----------------------------------------------------------------------------------
+def read_record(folder: Path) -> dict | None:
+    """The run record in a published folder's report, or None where there is no readable one."""
+    try:
+        report = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and "input" in report else None
+
+
+def _settings_difference(old: dict, new: dict) -> str | None:
+    """Why settings ``old`` did not make what ``new`` asks; outputs asked for before and not now are no reason."""
+    if old.get("threshold") != new.get("threshold"):
+        return f"its folder was made with --threshold {old.get('threshold')}, now {new.get('threshold')}"
+    changed = [f"{key} {old.get(key)} -> {new.get(key)}" for key in sorted(set(old) | set(new))
+               if key != "outputs" and old.get(key) != new.get(key)]
+    if changed:
+        return f"its folder was made with other settings ({'; '.join(changed)})"
+    had = old.get("outputs") or {}
+    missing = [name for name, wanted in new.get("outputs", {}).items() if wanted and not had.get(name)]
+    return f"its folder lacks what is asked for now ({', '.join(missing)})" if missing else None
+
+
+def record_difference(old: dict, new: dict) -> str | None:
+    """Why a folder recorded as ``old`` does not hold the result of a run recorded as ``new`` (None: it does)."""
+    new = json.loads(json.dumps(new))  # tuples as lists, as the stored record has them
+    if old.get("input") != new["input"]:
+        return f"its folder holds the result of another input ({old.get('input')})"
+    if not old.get("checkpoint_sha256"):
+        return "its folder records no checkpoint sha256 (made by an earlier clipseg3d)"
+    if old["checkpoint_sha256"] != new["checkpoint_sha256"]:
+        return f"its folder was made with another checkpoint (sha256 {old['checkpoint_sha256'][:12]}...)"
+    if old.get("class_names") != new["class_names"]:
+        return f"its folder was made for other classes ({', '.join(map(str, old.get('class_names') or []))})"
+    return _settings_difference(old.get("settings") or {}, new["settings"])

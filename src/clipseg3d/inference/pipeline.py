@@ -145,18 +145,27 @@ class Segmenter:
     preprocessing: Preprocessing
     inferer: StreamingInferer
     settings: OutputSettings
+    checkpoint_sha256: str = ""
 
     @property
     def catalog(self) -> ClassCatalog:
         return self.model.catalog
 
-    def provenance(self, scan: Scan) -> dict[str, Any]:
-        spacing = self.preprocessing.spacing
-        return {"input": str(scan.path), "checkpoint": str(self.checkpoint), "class_names": list(self.class_names),
+    def record(self, input_path: Path) -> dict[str, Any]:
+        """What the outputs of ``input_path`` are made from: the input, the checkpoint's sha256, the
+        classes and every setting that changes them (a rerun with an equal record has nothing to redo)."""
+        spacing, settings = self.preprocessing.spacing, self.settings
+        return {"input": str(input_path), "checkpoint_sha256": self.checkpoint_sha256,
+                "class_names": list(self.class_names),
                 "settings": {"spacing_mm": list(spacing) if spacing is not None else None,
                              "hu_window": list(self.preprocessing.hu_window),
                              "roi_size": list(self.inferer.roi_size), "overlap": self.inferer.overlap,
-                             "tta": self.inferer.tta, "threshold": self.settings.postprocess.default_threshold}}
+                             "tta": self.inferer.tta, "threshold": settings.postprocess.default_threshold,
+                             "outputs": {"all_masks": settings.all_masks, "probabilities": settings.probabilities,
+                                         "dicom_seg": settings.dicom_seg, "overlay": settings.overlay}}}
+
+    def provenance(self, scan: Scan) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), **self.record(scan.path)}
 
     def probabilities(self, scan: Scan) -> tuple[list[torch.Tensor], ModelGrid]:
         """The class probabilities of ``scan`` on the model grid (float16, on the model's device)."""
