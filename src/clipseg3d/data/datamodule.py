@@ -1,6 +1,6 @@
 """The multi-dataset CT DataModule: manifests in, K-channel targets and labelled masks out.
 
-Each manifest (JSON lines of ``image``, ``label`` or ``segmentations``, ``dataset``, ``case``;
+Each manifest (JSON lines of ``image``, a label (``label``, ``segmentations`` or ``slices``), ``dataset``, ``case``;
 written by ``clipseg3d index``) is one dataset with its own label map, so each gets its own
 MONAI pipeline: load, RAS orientation, spacing, label map -> K-channel targets + ``labelled``,
 HU window -> [0, 1], foreground crop, then random crops that favour the classes the dataset
@@ -35,41 +35,87 @@ from monai.transforms import (
 from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
 
 from clipseg3d.catalog import load_catalog
+from clipseg3d.data.grids import region_mismatch
+from clipseg3d.data.index import LABEL_FORMS
 from clipseg3d.data.labelmap import LabelMap
 from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW, Preprocessing
 from clipseg3d.data.scans import find_scans, read_scan
-from clipseg3d.data.transforms import LabelMapToTargetsd, LoadSegmentationsd
+from clipseg3d.data.targets import LabelMapError
+from clipseg3d.data.transforms import LabelMapToTargetsd, LoadSegmentationsd, LoadSliceMasksd
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be read or points at missing files."""
+    """A manifest that cannot be read or points at missing files; one line per bad record."""
 
 
-def read_manifest(path: str | Path) -> list[dict]:
-    """The records of a JSON-lines manifest, with relative paths resolved against its folder."""
+def _record_problem(record, base: Path) -> str | None:
+    """What is wrong with one manifest record (paths resolved against ``base`` in place), or None:
+    a missing key or file, or a label file whose header puts it elsewhere than the image."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    forms = [key for key in LABEL_FORMS if key in record]
+    if "image" not in record or len(forms) != 1 or "dataset" not in record:
+        return f"a record needs 'image', one of {list(LABEL_FORMS)} and 'dataset' (has {sorted(record)})"
+    missing = []
+    for key in ("image", forms[0]):
+        if not isinstance(record[key], str):
+            return f"{key} must be a path, got {record[key]!r}"
+        record[key] = str((base / record[key]).resolve())
+        if not Path(record[key]).exists():
+            missing.append(f"{key} {record[key]} not found")
+    if missing or forms[0] != "label":
+        return "; ".join(missing) or None
+    try:
+        return region_mismatch(Path(record["image"]), Path(record["label"]))
+    except Exception as err:  # nibabel and pydicom raise many types for unreadable headers
+        return f"cannot read the grid of image {record['image']} or label {record['label']} ({err})"
+
+
+def manifest_problems(path: str | Path) -> tuple[list[dict], list[str]]:
+    """The usable records of a JSON-lines manifest (relative paths resolved against its folder) and
+    one ``<path>:<line>: <problem>`` line per bad record."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
-    records = []
+        return [], [f"{path}: manifest not found"]
+    records, problems = [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ManifestError(f"{path}:{number}: not JSON ({err.msg})") from err
-        if "image" not in record or not ({"label", "segmentations"} & set(record)) or "dataset" not in record:
-            raise ManifestError(f"{path}:{number}: a record needs 'image', 'label' (or 'segmentations') and 'dataset'")
-        for key in ("image", "label", "segmentations"):
-            if key in record:
-                record[key] = str((path.parent / record[key]).resolve())
-        records.append(record)
-    if not records:
-        raise ManifestError(f"{path}: manifest is empty")
-    datasets = {record["dataset"] for record in records}
+            problems.append(f"{path}:{number}: not JSON ({err.msg})")
+            continue
+        problem = _record_problem(record, path.parent)
+        if problem:
+            problems.append(f"{path}:{number}: {problem}")
+        else:
+            records.append(record)
+    datasets = sorted({record["dataset"] for record in records})
     if len(datasets) > 1:
-        raise ManifestError(f"{path}: one manifest per dataset, found {sorted(datasets)}")
-    return records
+        problems.append(f"{path}: one manifest per dataset, found {datasets}")
+    if not records and not problems:
+        problems.append(f"{path}: manifest is empty")
+    return records, problems
+
+
+def read_manifests(paths: Sequence[str | Path]) -> list[list[dict]]:
+    """The records of each manifest; every bad record of every manifest raises one :class:`ManifestError`."""
+    found, problems = [], []
+    for path in paths:
+        records, bad = manifest_problems(path)
+        found.append(records)
+        problems += bad
+    if problems:
+        plural = "s" if len(problems) > 1 else ""
+        raise ManifestError(f"{len(problems)} problem{plural} in the manifests (fix them, or write them again "
+                            "with clipseg3d index):\n" + "\n".join(problems))
+    return found
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines manifest, with relative paths resolved against its folder."""
+    return read_manifests([path])[0]
 
 
 def resolve_label_map(dataset: str, manifest: Path) -> str:
@@ -155,6 +201,7 @@ class CTDataModule(L.LightningDataModule):
         preprocessing = self.preprocessing
         return [
             LoadImaged(keys=["image", "label"], image_only=True, allow_missing_keys=True),
+            LoadSliceMasksd(keys=("slices",), label_map=label_map, allow_missing_keys=True),
             LoadSegmentationsd(keys=("segmentations",), label_map=label_map, allow_missing_keys=True),
             EnsureChannelFirstd(keys=["image", "label"]),
             *preprocessing.spatial_transforms("image", ("label",)),
@@ -215,19 +262,33 @@ class CTDataModule(L.LightningDataModule):
             return
         if not self.hparams.manifests and not self.hparams.val_manifests:
             raise ManifestError("CTDataModule needs at least one manifest (--data.init_args.manifests=[...])")
-        catalog = load_catalog()
+        manifests = [*self.hparams.manifests, *self.hparams.val_manifests]
+        records = read_manifests(manifests)  # every bad record, before any dataset is built
+        label_maps = self._label_maps(manifests, records)
         self.train_sets, self.val_sets = {}, []
-        for manifest in self.hparams.manifests:
-            records = read_manifest(manifest)
-            label_map = self._label_map(records[0]["dataset"], Path(manifest), catalog)
-            train, val = self._split(records)
+        for index, label_map in enumerate(label_maps):
+            if index >= len(self.hparams.manifests):
+                self.val_sets.append(self._dataset(records[index], label_map, train=False))
+                continue
+            train, val = self._split(records[index])
             self.train_sets[label_map.name] = (self._dataset(train, label_map, train=True), len(train))
             if val:
                 self.val_sets.append(self._dataset(val, label_map, train=False))
-        for manifest in self.hparams.val_manifests:
-            records = read_manifest(manifest)
-            label_map = self._label_map(records[0]["dataset"], Path(manifest), catalog)
-            self.val_sets.append(self._dataset(records, label_map, train=False))
+
+    @staticmethod
+    def _label_maps(manifests: Sequence[str], records: Sequence[list[dict]]) -> list[LabelMap]:
+        """Each manifest's label map; every one that cannot be loaded raises one :class:`ManifestError`."""
+        catalog = load_catalog()
+        label_maps, problems = [], []
+        for manifest, found in zip(manifests, records):
+            dataset = found[0]["dataset"]
+            try:
+                label_maps.append(CTDataModule._label_map(dataset, Path(manifest), catalog))
+            except (LabelMapError, OSError) as err:
+                problems.append(f"{manifest}: dataset {dataset!r}: {err}")
+        if problems:
+            raise ManifestError("label maps the manifests name cannot be loaded:\n" + "\n".join(problems))
+        return label_maps
 
     @staticmethod
     def _label_map(dataset: str, manifest: Path, catalog) -> LabelMap:

@@ -14,9 +14,16 @@ The label map's ``layout`` says where the files are, relative to the dataset's r
 - ``totalseg``: one folder per case (``cases``, default ``s*``) holding ``image`` (default
   ``ct.nii.gz``) and either ``label`` (default ``labels.nii.gz``, used when present) or a
   ``segmentations`` folder of per-structure masks.
+- ``cases``: one folder per case (``cases``, a glob; its name is the case id) holding one
+  ``image`` (a glob: a NIfTI file or a DICOM series folder) and one ``label`` (a glob) of the form
+  ``label_form``: ``label`` (an id-keyed NIfTI file), ``segmentations`` (a folder of per-structure
+  masks, picked by ``masks``) or ``slices`` (a folder of per-slice PNG masks, grey values mapped
+  by ``slice_values``); see :mod:`clipseg3d.data.label_readers`.
 
-Each manifest line: ``{"image", "label" (or "segmentations"), "dataset", "case"}`` with absolute
-paths; ``dataset`` is the built-in map's name or the label-map YAML's absolute path.
+An image may be a DICOM series folder (``pairs`` and ``cases`` globs may match folders); the
+index checks that it holds DICOM files. Each manifest line: ``{"image", <label form>, "dataset",
+"case"}`` with absolute paths, the label form one of :data:`LABEL_FORMS`; ``dataset`` is the
+built-in map's name or the label-map YAML's absolute path.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from clipseg3d.data.labelmap import LabelMap, available_label_maps
+from clipseg3d.data.scans import ScanError, find_scans
 from clipseg3d.files import write_text_atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: The manifest keys a label may come under, one per form the loaders read.
+LABEL_FORMS = ("label", "segmentations", "slices")
 
 
 class LayoutError(ValueError):
@@ -189,20 +199,56 @@ class _TotalSeg(_Kits):
             masks = folder / self.options["segmentations"]
             if not image.is_file():
                 continue
-            case = {"image": image, "case": folder.name, "expected": f"{label} or {masks}/"}
+            case = {"image": image, "case": folder.name, "expected": f"{label} or {masks}/", "label": None}
             if label.is_file():
                 case["label"] = label
             elif masks.is_dir() and any(_nifti_stem(p) for p in masks.iterdir()):
-                case["segmentations"] = masks
-            else:
-                case["label"] = None
+                case.update(label=masks, form="segmentations")
             cases.append(case)
         return cases
 
 
+class _Cases(_Kits):
+    defaults = {"cases": None, "image": None, "label": None, "label_form": "label", "masks": None,
+                "slice_values": None}
+    summary = "'cases' ({cases}/{image} with {cases}/{label} as {label_form!r})"
+
+    def one(self, folder: Path, key: str) -> Path | None:
+        found = sorted(p for p in folder.glob(self.options[key]) if _visible(p))
+        if len(found) > 1:
+            raise self.fail(f"{key} {self.options[key]!r} matches {len(found)} paths in {folder}, expected one")
+        return found[0] if found else None
+
+    def find(self) -> list[dict]:
+        missing = [key for key in ("cases", "image", "label") if not self.options[key]]
+        if missing:
+            raise LayoutError(f"{self.where}: layout 'cases' needs {missing}")
+        if self.options["label_form"] not in LABEL_FORMS:
+            raise LayoutError(f"{self.where}: layout 'cases': label_form {self.options['label_form']!r} is not "
+                              f"one of {list(LABEL_FORMS)}")
+        cases = []
+        for folder in self.case_dirs():
+            image = self.one(folder, "image")
+            if image is not None:
+                cases.append({"image": image, "label": self.one(folder, "label"), "form": self.options["label_form"],
+                              "expected": folder / self.options["label"], "case": folder.name})
+        return cases
+
+
 LAYOUTS: dict[str, Callable[..., _Finder]] = {
-    "msd": _Msd, "nnunet": _NnUnet, "pairs": _Pairs, "kits": _Kits, "totalseg": _TotalSeg,
+    "msd": _Msd, "nnunet": _NnUnet, "pairs": _Pairs, "kits": _Kits, "totalseg": _TotalSeg, "cases": _Cases,
 }
+
+
+def _check_image(path: Path, finder: _Finder) -> None:
+    """Refuse an image folder that is not a DICOM series (cost: about one file read)."""
+    if path.is_dir():
+        try:
+            series = find_scans([path])
+        except ScanError:
+            series = []
+        if series != [Path(_abs(path))]:
+            raise finder.fail(f"image folder {_abs(path)} holds no DICOM series files")
 
 
 def find_cases(dataset: str | Path, root: Path, label_map: LabelMap | None,
@@ -221,7 +267,7 @@ def find_cases(dataset: str | Path, root: Path, label_map: LabelMap | None,
     name = dataset if builtin else _abs(Path(dataset))
     records, skipped, seen = [], [], set()
     for case in found:
-        if "segmentations" not in case and case["label"] is None:
+        if case["label"] is None:
             if not skip_unlabelled:
                 raise finder.fail(f"image {_abs(case['image'])} has no label (looked for {case['expected']}; "
                                   "--skip-unlabelled leaves such images out)")
@@ -230,8 +276,9 @@ def find_cases(dataset: str | Path, root: Path, label_map: LabelMap | None,
         if case["case"] in seen:
             raise finder.fail(f"case id {case['case']!r} occurs twice")
         seen.add(case["case"])
-        key = "label" if "label" in case else "segmentations"
-        records.append({"image": _abs(case["image"]), key: _abs(case[key]), "dataset": name, "case": case["case"]})
+        _check_image(case["image"], finder)
+        records.append({"image": _abs(case["image"]), case.get("form", "label"): _abs(case["label"]),
+                        "dataset": name, "case": case["case"]})
     if not records:
         raise finder.fail("every image lacks a label")
     return records, skipped

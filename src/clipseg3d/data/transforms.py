@@ -1,6 +1,7 @@
 """MONAI dictionary transforms that read dataset labels through their label maps.
 
-:class:`LoadSegmentationsd` loads a per-structure ``segmentations/`` folder as one label volume;
+:class:`LoadSegmentationsd` loads a folder of per-structure masks as one label volume and
+:class:`LoadSliceMasksd` a folder of per-slice PNG masks (see :mod:`clipseg3d.data.label_readers`);
 :class:`LabelMapToTargetsd` turns a raw label volume into K target channels and the ``labelled``
 vector (see :func:`clipseg3d.data.targets.build_targets`).
 """
@@ -16,6 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from clipseg3d.catalog import ClassCatalog, load_catalog
+from clipseg3d.data.label_readers import read_slice_masks, read_structure_masks
 from clipseg3d.data.labelmap import LabelMap
 from clipseg3d.data.targets import LabelMapError, build_targets, label_volume_from_masks
 
@@ -77,30 +79,63 @@ class LabelMapToTargetsd(MapTransform):
         return d
 
 
-class LoadSegmentationsd(MapTransform):
-    """Load a per-structure ``segmentations/`` folder as an id-keyed label MetaTensor (1xXxYxZ).
+def _label_tensor(label: np.ndarray, affine: np.ndarray, source: str) -> MetaTensor:
+    """A label volume as LoadImaged + EnsureChannelFirstd would give it (1xXxYxZ, RAS affine)."""
+    affine_t = torch.as_tensor(affine, dtype=torch.float64)
+    meta = {"affine": affine_t, "original_affine": affine_t.clone(), "space": "RAS",
+            "spatial_shape": np.array(label.shape), "original_channel_dim": 0, "filename_or_obj": source}
+    return MetaTensor(torch.from_numpy(label[None].astype(np.int16)), meta=meta)
 
-    Reads ``data[key]`` (a folder) and writes ``data[label_key]``, like LoadImaged +
-    EnsureChannelFirstd would for a single label file.
-    """
 
-    def __init__(self, keys=("segmentations",), *, label_key: str = "label",
-                 label_map: LabelMap | str | Path | None = None, catalog: ClassCatalog | None = None,
-                 dataset_key: str = "dataset", allow_missing_keys: bool = False) -> None:
+class _LoadLabelFormd(MapTransform):
+    """Reads ``data[key]`` (a folder) and writes ``data[label_key]`` through the sample's label map."""
+
+    def __init__(self, keys, *, label_key: str = "label", label_map: LabelMap | str | Path | None = None,
+                 catalog: ClassCatalog | None = None, dataset_key: str = "dataset",
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.catalog = catalog
         self.label_key, self.dataset_key = label_key, dataset_key
         self.label_map = label_map if isinstance(label_map, LabelMap) or label_map is None \
             else LabelMap.load(label_map, catalog=catalog)
 
+    def read(self, label_map: LabelMap, folder: Path, data: Mapping) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             label_map = self.label_map or LabelMap.load(d[self.dataset_key], catalog=self.catalog)
-            label, affine = label_volume_from_masks(label_map, Path(d.pop(key)))
-            affine_t = torch.as_tensor(affine, dtype=torch.float64)
-            meta = {"affine": affine_t, "original_affine": affine_t.clone(), "space": "RAS",
-                    "spatial_shape": np.array(label.shape), "original_channel_dim": 0,
-                    "filename_or_obj": str(data[key])}
-            d[self.label_key] = MetaTensor(torch.from_numpy(label[None].astype(np.int16)), meta=meta)
+            label, affine = self.read(label_map, Path(d.pop(key)), d)
+            d[self.label_key] = _label_tensor(label, affine, str(data[key]))
         return d
+
+
+class LoadSegmentationsd(_LoadLabelFormd):
+    """Load a folder of per-structure masks as an id-keyed label MetaTensor (1xXxYxZ).
+
+    Masks named after the map's raw labels (``<name>.nii.gz``), or, when the map's layout has
+    ``masks``, the NIfTI files and DICOM series folders its patterns match.
+    """
+
+    def __init__(self, keys=("segmentations",), **kwargs) -> None:
+        super().__init__(keys, **kwargs)
+
+    def read(self, label_map: LabelMap, folder: Path, data: Mapping) -> tuple[np.ndarray, np.ndarray]:
+        if label_map.layout.get("masks"):
+            return read_structure_masks(label_map, folder)
+        return label_volume_from_masks(label_map, folder)
+
+
+class LoadSliceMasksd(_LoadLabelFormd):
+    """Load a folder of per-slice PNG masks of the DICOM series ``data[image_key]`` (its folder, or
+    the image LoadImaged loaded from it) as a label MetaTensor."""
+
+    def __init__(self, keys=("slices",), *, image_key: str = "image", **kwargs) -> None:
+        super().__init__(keys, **kwargs)
+        self.image_key = image_key
+
+    def read(self, label_map: LabelMap, folder: Path, data: Mapping) -> tuple[np.ndarray, np.ndarray]:
+        image = data[self.image_key]
+        series = image.meta["filename_or_obj"] if isinstance(image, MetaTensor) else image
+        return read_slice_masks(label_map, folder, Path(str(series)))
