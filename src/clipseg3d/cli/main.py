@@ -16,6 +16,7 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
+from clipseg3d.data.datamodule import ManifestError
 from clipseg3d.training.task import UniversalSegmentation
 
 TOOLS = {
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in TOOLS:
         module = importlib.import_module(TOOLS[argv[0]][0])
         return module.main(argv[1:])
-    lightning_main(None if from_command_line else argv)
+    try:
+        lightning_main(None if from_command_line else argv)
+    except ManifestError as err:  # bad training data: the lines that say what, not a traceback
+        print(f"clipseg3d {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
