@@ -42,3 +42,15 @@ def tiny_clip(tmp_path_factory) -> Path:
     CLIPTextModelWithProjection(config).save_pretrained(folder)
     CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: their tensors are small, and the thread pool's
+    overhead costs several-fold (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

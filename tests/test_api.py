@@ -20,6 +20,8 @@ from clipseg3d.cli.segment import main as segment_main
 from clipseg3d.data.scans import read_scan
 from test_inference_paths import CLASSES, MODEL_SPACING_MM, random_task, save_checkpoint, write_tiny_scan
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_import_is_light_and_names_resolve_lazily():
     probe = ("import sys, clipseg3d; heavy = [m for m in ('torch', 'monai', 'lightning') if m in sys.modules]; "
@@ -34,12 +36,6 @@ def test_import_is_light_and_names_resolve_lazily():
         clipseg3d.nothing  # noqa: B018
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from clipseg3d.models.backbones import UNetBackbone
 from clipseg3d.models.checkpoint import CHECKPOINT_KEY
 from clipseg3d.training.task import UniversalSegmentation
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLASSES = ["liver", "spleen", "pancreas"]
 SHAPE = (40, 36, 30)
 VOXEL_MM = (1.2, 0.9, 2.5)
@@ -34,12 +36,6 @@ ROI = (16, 16, 16)
 PROBABILITY_TOLERANCE = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_tiny_scan(folder: Path) -> dict[str, Path]:

@@ -41,6 +41,8 @@ from clipseg3d.models.checkpoint import load_model
 
 from conftest import REPO, shared_data
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CT_SPACING_MM = [4.0, 4.0, 4.0]
 
 
@@ -53,13 +55,6 @@ def run_segment(args: list[str]) -> tuple[int, str]:
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are small: one thread avoids thread-pool overhead (several-fold here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
