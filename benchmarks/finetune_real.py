@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     from clipseg3d.data.labelmap import LabelMap
     from clipseg3d.models.backbones import UNetBackbone
     from clipseg3d.models.checkpoint import load_model
-    from clipseg3d.training.finetune import parameter_counts
     from clipseg3d.training.task import UniversalSegmentation
 
     if not (CASE / "ct.nii.gz").exists():
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.fit(task, data)
     after = dice(fit, task, data)
     fit.save_checkpoint(out / "finetuned.ckpt")
-    trainable, total = parameter_counts(task.model)
+    trainable, total = task.parameter_counts()
     print(f"\nfine-tuning ({args.finetune}, {args.steps} steps, lr {args.lr}, {time.time() - tuned:.0f} s): "
           f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
     print("Dice on the scan the model was fitted on (real TotalSegmentator case, 3 mm)\n")

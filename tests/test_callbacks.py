@@ -33,10 +33,11 @@ class ImageLogger:
 
 
 class FixedPrediction:
-    """A module whose predict_step returns fixed probabilities."""
+    """A module whose predict_step returns fixed probabilities [B, K, *S], as the task does: per
+    volume, a list of K float16 volumes."""
 
     def __init__(self, probabilities: torch.Tensor, class_names):
-        self.probabilities = probabilities
+        self.probabilities = [list(volume.half().unbind(0)) for volume in probabilities]
         self.class_names = class_names
         self.calls = 0
 

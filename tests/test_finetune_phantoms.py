@@ -8,6 +8,10 @@ Training crops are seeded, so a run repeats on one machine: with a 500-step star
 the lesion's held-out Dice goes from 0.09 to 0.78 either way; whole-head, the kidneys drift by up
 to -0.31 unless ``keep_old_classes`` holds the old classes to the start (then within 0.02)
 (BENCHMARKS.md).
+
+These fits take minutes, so the module is ``slow`` (``make test-slow``); the default run keeps what
+it guards through tests/test_task.py: the backbone and the old classes' logits bit for bit, the
+adapter under 1% of a default model, a new class's Dice rising, the drift metrics.
 """
 
 import logging
@@ -22,11 +26,13 @@ from clipseg3d.data.index import index_dataset, write_manifest
 from clipseg3d.inference.sliding_window import class_predictor
 from clipseg3d.models.backbones import UNetBackbone
 from clipseg3d.models.checkpoint import load_model
-from clipseg3d.phantom.generate import write_dataset
+from clipseg3d.phantom import write_dataset
 from clipseg3d.training.task import UniversalSegmentation
 
 from conftest import REPO
 from plugins import SPLEEN_LESION, install_packaged
+
+pytestmark = pytest.mark.slow
 
 BASE_CLASSES = ["spleen", "liver", "right_kidney", "left_kidney", "liver_tumor"]
 NEW = "spleen_lesion"
@@ -125,9 +131,9 @@ def test_head_only_finetuning_learns_the_lesion_and_leaves_the_rest_alone(start_
                                                           start.backbone.state_dict().items()):
         assert name == start_name and torch.equal(weight, start_weight), name
     with torch.no_grad():
-        torch.testing.assert_close(tuned(fixed_input)[:, :len(BASE_CLASSES)], old_logits, rtol=0, atol=1e-6)
-        torch.testing.assert_close(class_predictor(tuned, range(len(BASE_CLASSES)))(fixed_input), old_logits,
-                                   rtol=0, atol=1e-6)
+        # the old classes run as the same group of the same head as before: bit for bit
+        assert torch.equal(tuned(fixed_input)[:, :len(BASE_CLASSES)], old_logits)
+        assert torch.equal(class_predictor(tuned, range(len(BASE_CLASSES)))(fixed_input), old_logits)
     share = float(report.split("(")[1].split("%")[0])
     assert share < 5.0, report
     for name in BASE_CLASSES:

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,32 @@ def test_loss_value_is_bce_plus_dice_over_labelled_pairs():
         dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
         expected.append(0.5 * F.binary_cross_entropy_with_logits(x, t) + 2.0 * dice)
     torch.testing.assert_close(value, torch.stack(expected).mean())
+
+
+def per_pair_formula(logits, target, labelled, bce_weight, dice_weight, smooth):
+    """The loss as written before it used MONAI: the mean over labelled pairs of weighted BCE + soft Dice."""
+    chosen = logits.flatten(2)[labelled]
+    truth = target.flatten(2)[labelled]
+    probs = torch.sigmoid(chosen)
+    dice = 1.0 - (2.0 * (probs * truth).sum(-1) + smooth) / (probs.sum(-1) + truth.sum(-1) + smooth)
+    bce = F.binary_cross_entropy_with_logits(chosen, truth, reduction="none").mean(-1)
+    return (bce_weight * bce + dice_weight * dice).mean()
+
+
+@pytest.mark.parametrize("bce_weight, dice_weight, smooth", [(1.0, 1.0, 1.0), (0.3, 2.5, 1.0), (1.0, 0.0, 0.5)])
+def test_loss_and_gradient_equal_the_per_pair_formula(bce_weight, dice_weight, smooth):
+    g = torch.Generator().manual_seed(4)
+    logits = (3.0 * torch.randn(3, 4, 6, 7, 5, generator=g)).requires_grad_(True)
+    target = (torch.rand(3, 4, 6, 7, 5, generator=g) > 0.7).float()
+    labelled = torch.tensor([[True, False, True, True], [False, False, False, True], [True, True, False, False]])
+    value = PartialLabelLoss(bce_weight, dice_weight, smooth)(logits, target, labelled)
+    (grad,) = torch.autograd.grad(value, logits)
+    reference = per_pair_formula(logits, target, labelled, bce_weight, dice_weight, smooth)
+    (reference_grad,) = torch.autograd.grad(reference, logits)
+    eps = torch.finfo(torch.float32).eps
+    assert value.item() > 0.1
+    torch.testing.assert_close(value, reference, rtol=16 * eps, atol=0.0)
+    torch.testing.assert_close(grad, reference_grad, rtol=64 * eps, atol=64 * eps * reference_grad.abs().max().item())
 
 
 def test_generated_organ_targets_include_their_tumour_voxels():

@@ -10,11 +10,10 @@ Classes added to a trained model may each own a :class:`ClassAdapter`: a low-ran
 controller's output and an update of the decoder-map projection (two 3x3x3 convolutions that let
 the class read decoder channels the shared projection leaves out, in their neighbourhood: a lesion
 differs from its surroundings more than from a fixed value), both zero at the start and used by
-that class only. The class-feature table is then ``[text embedding ; adapter gates]``:
-one column per adapter, 1 in the row of the class that owns it, 0 elsewhere. Classes without an
-adapter run as a group of their own, untouched by any adapter, so they give bit for bit the
-outputs they gave before classes were added (batched matrix products may round differently when
-the batch changes, hence the separate group).
+that class only. :meth:`DynamicHead.forward` takes, beside the class embeddings, each class's
+adapter slot (``-1``: none). Classes without an adapter run as a group of their own, untouched by
+any adapter, so they give bit for bit the outputs they gave before classes were added (batched
+matrix products may round differently when the batch changes, hence the separate group).
 
 The dynamic convolutions are batched over images and classes and run over the voxels in chunks
 with fused ``baddbmm`` + in-place ReLU, so the K x channels x voxels intermediates stay small
@@ -56,7 +55,7 @@ class DynamicHead(nn.Module):
     """Controller + dynamic 1x1x1 convolutions producing one logit map per class.
 
     ``adapters`` class adapters (controller updates of rank ``adapter_rank``) serve the classes
-    whose gate column selects them (see the module docstring).
+    whose adapter slot names them (see the module docstring).
     """
 
     def __init__(self, decoder_channels: int, global_channels: int, text_dim: int, hidden: int = 256,
@@ -104,19 +103,18 @@ class DynamicHead(nn.Module):
         batch, classes = image.shape[0], text.shape[0]
         return torch.cat([image[:, None].expand(batch, classes, -1), text[None].expand(batch, classes, -1)], dim=-1)
 
-    def class_parameters(self, global_feature: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
-        """[B, K, num_params] dynamic-convolution parameters from [K, text_dim + adapters] class features."""
-        if class_features.shape[-1] != self.text_dim + len(self.adapters):
-            raise ValueError(f"class features have {class_features.shape[-1]} columns; this head takes "
-                             f"{self.text_dim} text columns + {len(self.adapters)} adapter gates")
+    def class_parameters(self, global_feature: torch.Tensor, class_embeddings: torch.Tensor,
+                         adapter_slot: int = -1) -> torch.Tensor:
+        """[B, K, num_params] dynamic-convolution parameters of [K, text_dim] class embeddings, with
+        the update of adapter ``adapter_slot`` (``-1``: none) added."""
+        if class_embeddings.shape[-1] != self.text_dim:
+            raise ValueError(f"class embeddings have {class_embeddings.shape[-1]} columns; this head takes "
+                             f"{self.text_dim}")
         # contiguous: a strided view may take another matrix-product kernel and round differently
-        text, gates = class_features[:, :self.text_dim].contiguous(), class_features[:, self.text_dim:]
-        inputs = self.controller_input(global_feature, text)
+        inputs = self.controller_input(global_feature, class_embeddings.contiguous())
         params = self.controller(inputs)
-        for slot, adapter in enumerate(self.adapters):
-            rows = gates[:, slot].nonzero().flatten()
-            if rows.numel():
-                params = params.index_add(1, rows, adapter.controller_update(inputs[:, rows]))
+        if adapter_slot >= 0:
+            params = params + self.adapters[adapter_slot].controller_update(inputs)
         return params
 
     def split_parameters(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,21 +161,29 @@ class DynamicHead(nn.Module):
             logits = torch.cat(chunks, dim=-1)
         return logits.reshape(batch, classes, *spatial)
 
-    def forward(self, decoder_map: torch.Tensor, global_feature: torch.Tensor,
-                class_features: torch.Tensor) -> torch.Tensor:
-        """Logits [B, K, *S] for the K classes whose features are the rows of ``class_features``."""
+    def forward(self, decoder_map: torch.Tensor, global_feature: torch.Tensor, class_embeddings: torch.Tensor,
+                adapter_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, K, *S] of the K classes with embeddings ``class_embeddings`` [K, text_dim] and
+        adapter slots ``adapter_slots`` [K] (long, ``-1``: no adapter; default: none has one)."""
+        classes = class_embeddings.shape[0]
+        if adapter_slots is None:
+            adapter_slots = torch.full((classes,), -1, dtype=torch.long, device=class_embeddings.device)
+        if adapter_slots.shape != (classes,) or bool((adapter_slots >= len(self.adapters)).any()):
+            raise ValueError(f"adapter slots {adapter_slots.tolist()} do not fit {classes} classes and "
+                             f"{len(self.adapters)} adapters")
         normalised = self.feature_proj[:-1](decoder_map)
         features = self.feature_proj[-1](normalised)
-        gates = class_features[:, self.text_dim:]
-        adapted = gates.any(dim=1)
-        if not adapted.any():
-            return self.apply_dynamic(features, self.class_parameters(global_feature, class_features))
-        plain = (~adapted).nonzero().flatten()
-        rows = [plain] if plain.numel() else []
-        parts = [self.apply_dynamic(features, self.class_parameters(global_feature, class_features[plain]))] \
-            if plain.numel() else []
-        for row, slot in zip(adapted.nonzero().flatten(), gates[adapted].argmax(dim=1).tolist()):
+        plain = (adapter_slots < 0).nonzero().flatten()
+        adapted = (adapter_slots >= 0).nonzero().flatten()
+        if not adapted.numel():
+            return self.apply_dynamic(features, self.class_parameters(global_feature, class_embeddings))
+        rows, parts = [], []
+        if plain.numel():
+            rows.append(plain)
+            parts.append(self.apply_dynamic(features, self.class_parameters(global_feature, class_embeddings[plain])))
+        for row, slot in zip(adapted, adapter_slots[adapted].tolist()):
             own = features + self.adapters[slot].features(normalised)
-            parts.append(self.apply_dynamic(own, self.class_parameters(global_feature, class_features[row:row + 1])))
+            parts.append(self.apply_dynamic(own, self.class_parameters(global_feature, class_embeddings[row:row + 1],
+                                                                       slot)))
             rows.append(row[None])
         return torch.cat(parts, dim=1)[:, torch.cat(rows).argsort()]

@@ -105,8 +105,9 @@ def contour_montage(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray
 class ContourImages(L.Callback):
     """Every ``every_n_epochs`` validation epochs, log contour montages of the first validation volumes.
 
-    The prediction comes from the module's ``predict_step`` (probabilities, thresholded at
-    ``threshold``); the truth from the batch's ``target`` and ``labelled`` entries. Images go to
+    The prediction comes from the module's ``predict_step`` (per volume, one probability volume
+    per class, thresholded at ``threshold``); the truth from the batch's ``target`` and
+    ``labelled`` entries. Images go to
     every logger with a ``log_image`` method (``WandbLogger``); without one the callback warns
     once and does nothing.
 
@@ -154,13 +155,12 @@ class ContourImages(L.Callback):
         with torch.no_grad():
             probabilities = pl_module.predict_step(batch, batch_idx)
         count = min(len(probabilities), self.num_volumes - self._drawn)
-        names = list(getattr(pl_module, "class_names", [f"class {k}" for k in range(probabilities.shape[1])]))
         images, captions = [], []
         for b in range(count):
+            predicted = np.stack([(volume >= self.threshold).cpu().numpy() for volume in probabilities[b]])
             images.append(contour_montage(
-                batch["image"][b, 0].float().cpu().numpy(), batch["target"][b].bool().cpu().numpy(),
-                (probabilities[b] >= self.threshold).cpu().numpy(), names,
-                batch["labelled"][b].bool().tolist() if "labelled" in batch else None,
+                batch["image"][b, 0].float().cpu().numpy(), batch["target"][b].bool().cpu().numpy(), predicted,
+                pl_module.class_names, batch["labelled"][b].bool().tolist() if "labelled" in batch else None,
                 self.num_slices, self.panel_px))
             captions.append(f"epoch {trainer.current_epoch}, volume {self._drawn + b}: truth left, prediction right")
         self._drawn += count

@@ -12,21 +12,29 @@ sets what trains:
 - ``new_classes``: only the new classes' residuals and adapters; the backbone and the shared head
   are frozen, and the adapters act only on their own class, so the old classes' outputs cannot
   change.
+
+Fine-tuning the whole head may move the old classes: :class:`StartingHead` keeps the head as it
+began, frozen, to score the old classes' starting Dice (and so their drift) and, optionally, to
+hold them to their starting outputs where the data do not label them.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipseg3d.catalog import ClassCatalog, ClassEntry, load_catalog
+from clipseg3d.data.preprocess import Preprocessing
 from clipseg3d.models.checkpoint import CHECKPOINT_KEY, read_checkpoint, restore_model
 from clipseg3d.models.model import UniversalModel
 from clipseg3d.models.text_encoder import EmbeddingCache, embed_prompts
+from clipseg3d.training.metrics import ClassDice
 
 FINETUNE_MODES = ("full", "head", "new_classes")
 
@@ -47,6 +55,38 @@ class StartingPoint:
     @property
     def old_classes(self) -> list[str]:
         return [name for name in self.model.class_names if name not in self.new_classes]
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The preprocessing the checkpoint was trained with (None when it records none)."""
+        recorded = self.meta.get("preprocessing", {})
+        return Preprocessing.from_dict(recorded) if {"spacing", "hu_window"} & set(recorded) else None
+
+
+def check_finetune_request(init_from: str | None, mode: str, keep_old_classes: float, own_backbone: bool) -> None:
+    """Refuse, in one line, a fine-tuning request that contradicts itself before anything is read."""
+    if mode not in FINETUNE_MODES:
+        raise FinetuneError(f"finetune {mode!r} is not one of {FINETUNE_MODES}")
+    if keep_old_classes < 0 or (keep_old_classes > 0 and mode != "head"):
+        raise FinetuneError(f"keep_old_classes={keep_old_classes}: a weight >= 0 that applies to finetune='head' "
+                            f"only, not {mode!r}")
+    if init_from is None and mode != "full":
+        raise FinetuneError(f"finetune={mode!r} needs a trained checkpoint to start from (init_from)")
+    if init_from is not None and own_backbone:
+        raise FinetuneError(f"init_from={init_from!r} brings its own backbone; leave 'backbone' unset")
+
+
+def prepare_finetuning(init_from: str, classes: Sequence[str] | None, mode: str, text_encoder: str | None = None,
+                       cache: EmbeddingCache | None = None, adapter_rank: int = 4,
+                       chunk_voxels: int | None = None) -> StartingPoint:
+    """:func:`start_from_checkpoint` with what trains set by :func:`freeze` for ``mode``."""
+    start = start_from_checkpoint(init_from, classes, text_encoder, cache=cache, adapter_rank=adapter_rank,
+                                  chunk_voxels=chunk_voxels)
+    if mode == "new_classes" and not start.new_classes:
+        raise FinetuneError(f"finetune='new_classes': the class list adds nothing to {init_from} "
+                            f"(it has {', '.join(start.model.class_names)})")
+    freeze(start.model, mode, start.new_classes)
+    return start
 
 
 def start_from_checkpoint(path: str | Path, classes: Sequence[str] | None = None, text_encoder: str | None = None,
@@ -131,10 +171,61 @@ def freeze(model: UniversalModel, mode: str, new_classes: Sequence[str]) -> None
         param.requires_grad_(True)
 
 
-def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = trainable = 0
-    for param in module.parameters():
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
-    return trainable, total
+class StartingHead(nn.Module):
+    """The head as fine-tuning began, frozen, for the old classes of ``finetune='head'``.
+
+    On the (frozen) backbone's features it gives the starting model's logits of the old classes.
+    Evaluation scores them (:attr:`dice`) beside the current ones, which gives each old class's
+    starting Dice and drift; with ``keep_weight > 0`` training adds :meth:`keep_loss`, which holds
+    the old classes to their starting outputs where the data do not label them. Always in eval mode.
+    """
+
+    def __init__(self, model: UniversalModel, old_classes: Sequence[str], keep_weight: float = 0.0):
+        super().__init__()
+        self.class_names = list(old_classes)
+        self.rows = [model.class_names.index(name) for name in self.class_names]
+        self.keep_weight = keep_weight
+        self.head = copy.deepcopy(model.head).requires_grad_(False)
+        embeddings, slots = model.class_inputs(self.rows)
+        self.register_buffer("class_embeddings", embeddings.detach().clone(), persistent=False)
+        self.register_buffer("adapter_slots", slots.clone(), persistent=False)
+        self.dice = ClassDice(len(self.rows))
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "StartingHead":
+        """Stays in eval mode whatever ``mode`` asks: the starting head never trains."""
+        return super().train(False)
+
+    def forward(self, decoder_map: torch.Tensor, global_feature: torch.Tensor) -> torch.Tensor:
+        """The old classes' starting logits [B, K_old, *S]."""
+        return self.head(decoder_map, global_feature, self.class_embeddings, self.adapter_slots)
+
+    def keep_loss(self, logits: torch.Tensor, start: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        """Soft BCE of the old classes' current logits (in ``logits`` [B, K, *S], every class) against
+        :meth:`forward`'s ``start``, over the (sample, old class) pairs ``labelled`` [B, K] leaves out."""
+        unlabelled = ~labelled.bool()[:, self.rows]
+        if not unlabelled.any():
+            return logits.sum() * 0.0
+        current = logits[:, self.rows].flatten(2)[unlabelled].float()
+        reference = torch.sigmoid(start.flatten(2)[unlabelled].float())
+        return F.binary_cross_entropy_with_logits(current, reference)
+
+    def score(self, start: Sequence[torch.Tensor], target: torch.Tensor, labelled: torch.Tensor) -> None:
+        """Score one scan's starting logit volumes (one per old class) against its targets [K, *S],
+        for the classes ``labelled`` [K] marks."""
+        for j, (row, logits) in enumerate(zip(self.rows, start)):
+            if labelled[row]:
+                self.dice.update(j, logits > 0, target[row] > 0)
+
+    def drift(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``dice_start/<class>`` and ``dice_drift/<class>`` (Dice now minus at the start) of the old
+        classes scored both ways, and their ``dice_drift_mean``; starts the starting Dice afresh."""
+        metrics, drifts = {}, []
+        for name, start in zip(self.class_names, self.dice.compute()):
+            if start is not None and name in scores:
+                metrics[f"dice_start/{name}"] = start
+                metrics[f"dice_drift/{name}"] = scores[name] - start
+                drifts.append(scores[name] - start)
+        if drifts:
+            metrics["dice_drift_mean"] = torch.stack(drifts).mean()
+        return metrics

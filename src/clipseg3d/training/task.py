@@ -1,39 +1,47 @@
-"""The Lightning task that trains the universal model on partially labelled data."""
+"""The Lightning task that trains the universal model on partially labelled data.
+
+:class:`UniversalSegmentation` is built from small hooks, as torchgeo's ``BaseTask`` is:
+:meth:`~UniversalSegmentation.configure_models` (a fresh model, or a trained checkpoint's with
+classes added, see :mod:`clipseg3d.training.finetune`), :meth:`~UniversalSegmentation.configure_losses`
+and :meth:`~UniversalSegmentation.configure_metrics`. Validation, test and prediction run whole
+scans through one sliding window (:class:`~clipseg3d.inference.sliding_window.StreamingInferer`,
+float16 per class) and score each class as its volume comes; training runs on crops.
+"""
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from monai.inferers import SlidingWindowInferer
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
-from torchmetrics.segmentation import DiceScore
 
 from clipseg3d.catalog import ClassCatalog, load_catalog
+from clipseg3d.data.preprocess import Preprocessing
+from clipseg3d.inference.sliding_window import StreamingInferer
 from clipseg3d.models.backbones import Backbone, UNetBackbone
 from clipseg3d.models.checkpoint import CHECKPOINT_KEY
 from clipseg3d.models.model import UniversalModel
-from clipseg3d.models.text_encoder import (
-    DEFAULT_TEXT_ENCODER,
-    EmbeddingCache,
-    embed_prompts,
-)
-from clipseg3d.training.finetune import (
-    FinetuneError,
-    freeze,
-    parameter_counts,
-    start_from_checkpoint,
-)
+from clipseg3d.models.text_encoder import DEFAULT_TEXT_ENCODER, EmbeddingCache, embed_prompts
+from clipseg3d.training.finetune import StartingHead, check_finetune_request, prepare_finetuning
 from clipseg3d.training.losses import PartialLabelLoss
+from clipseg3d.training.metrics import ClassDice
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float = 0.0):
-    """Learning-rate factor per optimiser step: linear warm-up, then cosine decay to ``min_factor``."""
+    """Learning-rate factor per optimiser step: linear warm-up, then cosine decay to ``min_factor``.
+
+    Step ``s`` of the warm-up gets ``(s + 1) / (warmup_steps + 1)``, so the first step already
+    trains. The library schedules do not give these rates: MONAI's ``WarmupCosineSchedule`` and
+    transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` start at 0 (a first step that
+    does not move) and MONAI's clamps at ``end_lr`` instead of decaying to it; torch's
+    ``SequentialLR(LinearLR, CosineAnnealingLR)`` computes the rates recursively, which rounds
+    differently at every step.
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -42,12 +50,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float = 0.0):
         return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _dice_metrics(count: int) -> nn.ModuleList:
-    """One binary Dice metric per class."""
-    return nn.ModuleList(DiceScore(num_classes=1, include_background=True, average="none", input_format="one-hot")
-                         for _ in range(count))
 
 
 class UniversalSegmentation(L.LightningModule):
@@ -67,8 +69,8 @@ class UniversalSegmentation(L.LightningModule):
             embedding residual and rank-``adapter_rank`` controller adapter (see
             :mod:`clipseg3d.training.finetune`).
         finetune: what trains after ``init_from``: ``full`` (everything), ``head`` (the whole head;
-            the backbone frozen in eval mode; validation also logs the old classes' Dice at the start
-            and its drift), ``new_classes`` (only the added classes' residuals and adapters).
+            the backbone frozen in eval mode; evaluation also logs the old classes' Dice at the
+            start and its drift), ``new_classes`` (only the added classes' residuals and adapters).
         adapter_rank: rank of the added classes' controller adapters.
         keep_old_classes: with ``finetune='head'``, the weight of a term that holds each old class
             to the starting model's output (soft BCE) in the samples whose dataset does not label
@@ -106,47 +108,46 @@ class UniversalSegmentation(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        self.frozen_backbone = finetune != "full"
-        if keep_old_classes < 0 or (keep_old_classes > 0 and finetune != "head"):
-            raise FinetuneError(f"keep_old_classes={keep_old_classes}: a weight >= 0 that applies to finetune='head' "
-                                f"only, not {finetune!r}")
-        cache = EmbeddingCache(embedding_cache) if embedding_cache else None
-        self.new_classes: list[str] = []
-        if init_from is None:
-            if finetune != "full":
-                raise FinetuneError(f"finetune={finetune!r} needs a trained checkpoint to start from (init_from)")
-            catalog = load_catalog()
-            entries = [catalog[name] for name in classes] if classes is not None else list(ClassCatalog.builtin())
-            text_encoder = text_encoder or DEFAULT_TEXT_ENCODER
-            embeddings = embed_prompts([entry.prompt for entry in entries], text_encoder, cache=cache)
-            self.model = UniversalModel(backbone if backbone is not None else UNetBackbone(), entries, embeddings,
-                                        text_encoder, head_hidden=head_hidden, head_channels=head_channels,
-                                        head_layers=head_layers, chunk_voxels=head_chunk_voxels)
-        else:
-            if backbone is not None:
-                raise FinetuneError(f"init_from={init_from!r} brings its own backbone; leave 'backbone' unset")
-            start = start_from_checkpoint(init_from, classes, text_encoder, cache=cache, adapter_rank=adapter_rank,
-                                          chunk_voxels=head_chunk_voxels)
-            if finetune == "new_classes" and not start.new_classes:
-                raise FinetuneError(f"finetune='new_classes': the class list adds nothing to {init_from} "
-                                    f"(it has {', '.join(start.model.class_names)})")
-            self.model, self.new_classes = start.model, start.new_classes
-            self.start_preprocessing = start.meta.get("preprocessing", {})
-            freeze(self.model, finetune, self.new_classes)
-        self.old_classes = [name for name in self.class_names if name not in self.new_classes]
-        self.old_rows = [self.class_names.index(name) for name in self.old_classes]
-        if finetune == "head":
-            # The starting head, frozen: on the (frozen) backbone's features it gives the starting
-            # model's outputs, so validation can report how far the old classes have drifted.
-            self.reference_head = copy.deepcopy(self.model.head).requires_grad_(False)
-            self.register_buffer("reference_features", self.model.text_features().detach()[self.old_rows].clone(),
-                                 persistent=False)
-            self.start_dice = _dice_metrics(len(self.old_classes))
-        self.loss = PartialLabelLoss(bce_weight, dice_weight)
-        self.val_dice = _dice_metrics(len(self.class_names))
-        self.inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=sw_overlap,
-                                            mode=sw_mode)
+        self.preprocessing: Preprocessing | None = None  # the training data's, recorded by setup("fit")
+        self.configure_models(backbone)
+        self.configure_losses()
+        self.configure_metrics()
+        self.inferer = StreamingInferer(roi_size, overlap=sw_overlap, sw_batch_size=sw_batch_size, mode=sw_mode)
 
+    # -- hooks that build the task ------------------------------------------------------------
+    def configure_models(self, backbone: Backbone | None) -> None:
+        """``model``: a fresh one, or the ``init_from`` checkpoint's with the new classes added and
+        what trains set; ``starting_head``: the frozen start of ``finetune='head'``, else None."""
+        h = self.hparams
+        check_finetune_request(h.init_from, h.finetune, h.keep_old_classes, own_backbone=backbone is not None)
+        cache = EmbeddingCache(h.embedding_cache) if h.embedding_cache else None
+        if h.init_from is None:
+            catalog = load_catalog()
+            entries = [catalog[name] for name in h.classes] if h.classes is not None else list(ClassCatalog.builtin())
+            encoder = h.text_encoder or DEFAULT_TEXT_ENCODER
+            embeddings = embed_prompts([entry.prompt for entry in entries], encoder, cache=cache)
+            self.model = UniversalModel(backbone if backbone is not None else UNetBackbone(), entries, embeddings,
+                                        encoder, head_hidden=h.head_hidden, head_channels=h.head_channels,
+                                        head_layers=h.head_layers, chunk_voxels=h.head_chunk_voxels)
+            self.new_classes: list[str] = []
+            self.start_preprocessing: Preprocessing | None = None
+        else:
+            start = prepare_finetuning(h.init_from, h.classes, h.finetune, h.text_encoder, cache=cache,
+                            adapter_rank=h.adapter_rank, chunk_voxels=h.head_chunk_voxels)
+            self.model, self.new_classes, self.start_preprocessing = start.model, start.new_classes, start.preprocessing
+        old_classes = [name for name in self.class_names if name not in self.new_classes]
+        self.starting_head = StartingHead(self.model, old_classes, h.keep_old_classes) \
+            if h.finetune == "head" else None
+
+    def configure_losses(self) -> None:
+        """``loss``: BCE + Dice over the labelled (sample, class) pairs."""
+        self.loss = PartialLabelLoss(self.hparams.bce_weight, self.hparams.dice_weight)
+
+    def configure_metrics(self) -> None:
+        """``class_dice``: each class's Dice over whole scans, shared by validation and test."""
+        self.class_dice = ClassDice(len(self.class_names))
+
+    # -- the model ----------------------------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
         return self.model.class_names
@@ -154,112 +155,34 @@ class UniversalSegmentation(L.LightningModule):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.hparams.keep_old_classes > 0:
-            logits, start = self._split_reference(self._with_reference(batch["image"]))
-        else:
-            logits = self.model(batch["image"])
-        loss = self.loss(logits, batch["target"], batch["labelled"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
-        if self.hparams.keep_old_classes > 0:
-            keep = self._keep_loss(logits, start, batch["labelled"].bool())
-            self.log("train/keep_old_loss", keep, batch_size=logits.shape[0])
-            loss = loss + self.hparams.keep_old_classes * keep
-        return loss
-
-    def _keep_loss(self, logits: torch.Tensor, start: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-        """Soft BCE of the old classes' logits against the starting head's, over unlabelled pairs."""
-        unlabelled = ~labelled[:, self.old_rows]
-        if not unlabelled.any():
-            return logits.sum() * 0.0
-        current = logits[:, self.old_rows].flatten(2)[unlabelled].float()
-        reference = torch.sigmoid(start.flatten(2)[unlabelled].float())
-        return F.binary_cross_entropy_with_logits(current, reference)
-
     def train(self, mode: bool = True) -> "UniversalSegmentation":
-        """Train mode for what trains; a frozen backbone and the reference head stay in eval mode."""
+        """Train mode for what trains; a frozen backbone stays in eval mode (so does the starting head)."""
         super().train(mode)
-        if self.frozen_backbone:
+        if self.hparams.finetune != "full":
             self.model.backbone.eval()
-        if hasattr(self, "reference_head"):
-            self.reference_head.eval()
         return self
-
-    def _with_reference(self, image: torch.Tensor) -> torch.Tensor:
-        """Current logits of every class, then the starting head's logits of the old classes."""
-        decoder_map, global_feature = self.model.backbone(image)
-        current = self.model.head(decoder_map, global_feature, self.model.text_features())
-        start = self.reference_head(decoder_map, global_feature, self.reference_features)
-        return torch.cat([current, start], dim=1)
-
-    def _split_reference(self, both: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_with_reference`'s output as (every class's logits, the starting head's old-class logits)."""
-        current, start = both.split([len(self.class_names), len(self.old_classes)], dim=1)
-        return current, start
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        target = batch["target"].long()
-        labelled = batch["labelled"].bool()
-        if hasattr(self, "reference_head"):
-            logits, start = self._split_reference(self.inferer(batch["image"], self._with_reference))
-            for j, (k, metric) in enumerate(zip(self.old_rows, self.start_dice)):
-                if labelled[:, k].any():
-                    samples = labelled[:, k]
-                    metric.update((start[samples, j:j + 1] > 0).long(), target[samples, k:k + 1])
-        else:
-            logits = self.inferer(batch["image"], self.model)
-        self.log("val/loss", self.loss(logits, batch["target"], batch["labelled"]), batch_size=logits.shape[0])
-        prediction = (logits > 0).long()
-        for k, metric in enumerate(self.val_dice):
-            samples = labelled[:, k]
-            if samples.any():
-                metric.update(prediction[samples, k:k + 1], target[samples, k:k + 1])
-
-    @staticmethod
-    def _score(metric: DiceScore) -> torch.Tensor | None:
-        """The epoch's Dice, or None when nothing was scored or the class was absent and not predicted."""
-        score = metric.compute().float() if metric.update_called else None
-        metric.reset()
-        return None if score is None or torch.isnan(score) else score
-
-    def on_validation_epoch_end(self) -> None:
-        scores = {}
-        for name, metric in zip(self.class_names, self.val_dice):
-            score = self._score(metric)
-            if score is not None:
-                self.log(f"val/dice/{name}", score)
-                scores[name] = score
-        if scores:
-            self.log("val/dice_mean", torch.stack(list(scores.values())).mean(), prog_bar=True)
-        drifts = []
-        for name, metric in zip(self.old_classes, getattr(self, "start_dice", [])):
-            start = self._score(metric)
-            if start is not None and name in scores:
-                self.log(f"val/dice_start/{name}", start)
-                self.log(f"val/dice_drift/{name}", scores[name] - start)
-                drifts.append(scores[name] - start)
-        if drifts:
-            self.log("val/dice_drift_mean", torch.stack(drifts).mean())
-
-    def on_fit_start(self) -> None:
-        """Warn when the data are prepared otherwise than for the ``init_from`` checkpoint."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        data = getattr(datamodule, "preprocessing", {})
-        for key, value in getattr(self, "start_preprocessing", {}).items():
-            if key in data and key in ("spacing", "hu_window") and list(data[key]) != list(value):
-                rank_zero_warn(f"init_from {self.hparams.init_from}: the checkpoint was trained with {key} {value}, "
-                               f"the data give {list(data[key])}")
-
-    def on_train_start(self) -> None:
-        trainable, total = parameter_counts(self.model)
-        rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / total:.2f}%), "
-                       f"finetune={self.hparams.finetune}"
-                       + (f", new classes: {', '.join(self.new_classes)}" if self.new_classes else ""))
-        self.log("trainable_params", float(trainable))
-        self.log("trainable_fraction", trainable / total)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the task, as Lightning's model summary counts them (the
+        starting head's frozen copy of the head included)."""
+        summary = ModelSummary(self, max_depth=0)
+        return summary.trainable_parameters, summary.total_parameters
+
+    # -- training on crops --------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        decoder_map, global_feature = self.model.backbone(batch["image"])
+        logits = self.model.head(decoder_map, global_feature, *self.model.class_inputs())
+        loss = self.loss(logits, batch["target"], batch["labelled"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        if self.starting_head is not None and self.starting_head.keep_weight > 0:
+            start = self.starting_head(decoder_map, global_feature)
+            keep = self.starting_head.keep_loss(logits, start, batch["labelled"])
+            self.log("train/keep_old_loss", keep, batch_size=logits.shape[0])
+            loss = loss + self.starting_head.keep_weight * keep
+        return loss
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr,
@@ -270,15 +193,98 @@ class UniversalSegmentation(L.LightningModule):
             optimizer, warmup_cosine(warmup, total, self.hparams.min_lr_factor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # -- whole scans through the sliding window -----------------------------------------------
+    def infer_logits(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The K classes' blended logits of one image [1, 1, *S]: K float16 volumes [*S]."""
+        return self.inferer(image, self.model)
+
+    def _network(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What evaluation runs on windows: the model; fine-tuning the head, its K channels are
+        followed by the starting head's old-class channels (one backbone pass for both)."""
+        if self.starting_head is None:
+            return self.model
+
+        def current_and_start(windows: torch.Tensor) -> torch.Tensor:
+            decoder_map, global_feature = self.model.backbone(windows)
+            current = self.model.head(decoder_map, global_feature, *self.model.class_inputs())
+            return torch.cat([current, self.starting_head(decoder_map, global_feature)], dim=1)
+
+        return current_and_start
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        """Score every labelled (scan, class) pair one class at a time; log the mean loss of those pairs."""
+        network, count = self._network(), len(self.class_names)
+        losses = []
+        for image, target, labelled in zip(batch["image"], batch["target"], batch["labelled"].bool()):
+            volumes = self.inferer(image[None], network)
+            for k, logits in enumerate(volumes[:count]):
+                if labelled[k]:
+                    self.class_dice.update(k, logits > 0, target[k] > 0)
+                    losses.append(self.loss(logits[None, None].float(), target[None, k:k + 1], labelled[None, k:k + 1]))
+            if self.starting_head is not None:
+                self.starting_head.score(volumes[count:], target, labelled)
+        if losses:
+            self.log(f"{stage}/loss", torch.stack(losses).mean(), batch_size=len(batch["image"]))
+
+    def _log_dice(self, stage: str) -> None:
+        scores = {name: score for name, score in zip(self.class_names, self.class_dice.compute()) if score is not None}
+        for name, score in scores.items():
+            self.log(f"{stage}/dice/{name}", score)
+        if scores:
+            self.log(f"{stage}/dice_mean", torch.stack(list(scores.values())).mean(), prog_bar=True)
+        if self.starting_head is not None:
+            for key, value in self.starting_head.drift(scores).items():
+                self.log(f"{stage}/{key}", value)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_dice("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_dice("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[list[torch.Tensor]]:
+        """Per batch item, the K classes' probabilities on the input's grid: K float16 volumes."""
+        return [[logits.sigmoid_() for logits in self.infer_logits(image[None])] for image in batch["image"]]
+
+    # -- what checkpoints record --------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Fitting with a datamodule: record its preprocessing (checkpoints carry it) and warn when
+        it differs from the ``init_from`` checkpoint's."""
+        datamodule = self.trainer.datamodule
+        if stage != "fit" or datamodule is None:
+            return
+        preprocessing = getattr(datamodule, "preprocessing", None)
+        if not isinstance(preprocessing, Preprocessing):
+            raise TypeError(f"{type(datamodule).__name__} needs a `preprocessing` attribute, a "
+                            "clipseg3d.data.preprocess.Preprocessing saying how its images are prepared (checkpoints "
+                            f"record it for inference); it has {type(preprocessing).__name__}")
+        self.preprocessing = preprocessing
+        if self.start_preprocessing is not None and self.start_preprocessing != preprocessing:
+            then, now = asdict(self.start_preprocessing), asdict(preprocessing)
+            changed = [field for field in then if then[field] != now[field]]
+            rank_zero_warn(f"init_from {self.hparams.init_from}: the checkpoint was trained with "
+                           + ", ".join(f"{field} {then[field]}" for field in changed) + "; the data give "
+                           + ", ".join(f"{field} {now[field]}" for field in changed))
+
+    def on_train_start(self) -> None:
+        trainable, total = self.parameter_counts()
+        rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / total:.2f}%), "
+                       f"finetune={self.hparams.finetune}"
+                       + (f", new classes: {', '.join(self.new_classes)}" if self.new_classes else ""))
+        self.log("trainable_params", float(trainable))
+        self.log("trainable_fraction", trainable / total)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = self.model.metadata()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         meta["preprocessing"] = {"roi_size": list(self.hparams.roi_size), "sw_overlap": self.hparams.sw_overlap,
-                                 **getattr(datamodule, "preprocessing", {})}
+                                 **(self.preprocessing.to_dict() if self.preprocessing is not None else {})}
         if self.hparams.init_from is not None:
             meta["finetune"] = {"init_from": str(self.hparams.init_from), "mode": self.hparams.finetune,
                                 "new_classes": list(self.new_classes)}
         checkpoint[CHECKPOINT_KEY] = meta
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return torch.sigmoid(self.inferer(batch["image"], self.model))
