@@ -144,7 +144,6 @@ def build_parser() -> CommandParser:
     parser = command_parser("demo", "The main job end to end on built-in data, with no download: phantoms, fit, "
                             "segmentation of held-out scans, a Dice table.")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything is written")
-    parser.add_argument("--max-time", help="training time limit, DD:HH:MM:SS; when not given, the config's")
     parser.add_argument("--max-steps", type=PositiveInt, help="training step limit; when not given, the config's")
     parser.add_argument("--real-case", type=Path, help="a TotalSegmentator case folder (ct.nii.gz, labels.nii.gz) "
                         f"to segment too; when not given, ${REAL_CASE_VARIABLE}, else {' or '.join(REAL_CASE_PLACES)} "
@@ -165,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     manifests, held = write_phantoms(out)
     print(f"phantoms written in {time.time() - started:.0f} s under {out / 'data'}")
     overrides = []
-    if args.max_time:
-        overrides.append(f"--trainer.max_time={args.max_time}")
     if args.max_steps is not None:
         overrides.append(f"--trainer.max_steps={args.max_steps}")
     checkpoint = fit(out, manifests, overrides)
