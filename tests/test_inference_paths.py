@@ -20,7 +20,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from clipseg3d.cli.segment import build_parser, load_segmenter
 from clipseg3d.data.datamodule import CTDataModule
 from clipseg3d.data.preprocess import Preprocessing
-from clipseg3d.data.scans import read_scan
+from clipseg3d.data.scans import Scan, read_scan
 from clipseg3d.models.backbones import UNetBackbone
 from clipseg3d.models.checkpoint import CHECKPOINT_KEY
 from clipseg3d.training.task import UniversalSegmentation
@@ -116,7 +116,28 @@ def test_preprocessing_reads_old_checkpoint_records():
     assert Preprocessing.from_dict(old) == Preprocessing(None)
     recorded = Preprocessing((1.5, 1.5, 2.0), (-100.0, 200.0))
     assert Preprocessing.from_dict({**old, **recorded.to_dict()}) == recorded
-    assert recorded.to_dict() == {"spacing": [1.5, 1.5, 2.0], "hu_window": [-100.0, 200.0], "orientation": "RAS"}
+    assert recorded.to_dict() == {"spacing": [1.5, 1.5, 2.0], "hu_window": [-100.0, 200.0], "orientation": "RAS",
+                                  "foreground_margin": None}
+    boxed = Preprocessing((1.5, 1.5, 2.0), foreground_margin=4)
+    assert Preprocessing.from_dict({**old, **boxed.to_dict()}) == boxed
+
+
+def test_inference_sees_the_body_box_that_training_crops_from():
+    array = np.full((30, 28, 20), -1000.0, dtype=np.float32)
+    array[8:20, 5:15, 4:12] = 40.0  # the body
+    affine = np.diag([-2.0, 2.0, 3.0, 1.0])
+    scan = Scan(array=array, affine=affine, path=Path("body.nii.gz"), kind="nifti")
+    image, grid = Preprocessing(None, foreground_margin=2)(scan)
+    assert tuple(image.shape[1:]) == (16, 14, 12) and float(image.min()) == 0.0
+    whole, whole_grid = Preprocessing(None)(scan)
+    assert tuple(whole.shape[1:]) == scan.shape
+    # the box is the whole scan's grid cropped: the same voxels, and the way back reaches every scan voxel
+    ras = np.flip(array, axis=0)
+    box = ras[8:24, 3:17, 2:14]
+    torch.testing.assert_close(image[0], torch.from_numpy(np.clip((box + 175.0) / 425.0, 0, 1).copy()))
+    back = grid.to_scan(image[0])
+    assert tuple(back.shape) == scan.shape
+    torch.testing.assert_close(back[8:20, 5:15, 4:12], torch.full((12, 10, 8), 215.0 / 425.0))
 
 
 def test_validation_predict_and_segment_give_the_same_probabilities(tiny_scan, data, task, tiny_checkpoint,

@@ -19,7 +19,7 @@ from PIL import Image
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.cli.main import lightning_main
 from clipseg3d.cli.segment import main, output_names
-from clipseg3d.data.datamodule import CTDataModule
+from clipseg3d.data.datamodule import FOREGROUND_MARGIN, CTDataModule
 from clipseg3d.data.preprocess import ModelGrid, Preprocessing
 from clipseg3d.data.scans import Scan, read_scan
 from clipseg3d.inference.masks import depth, nested_classes
@@ -74,9 +74,9 @@ def synthetic_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ct_checkpoint(synthetic_checkpoint, tmp_path_factory) -> Path:
     """The same weights with the preprocessing a CT-trained checkpoint records (coarse 4 mm keeps tests fast)."""
-    checkpoint = torch.load(synthetic_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(synthetic_checkpoint, map_location="cpu", weights_only=True)
     checkpoint["clipseg3d"]["preprocessing"].update(spacing=CT_SPACING_MM, hu_window=[-175.0, 250.0],
-                                                    orientation="RAS")
+                                                    orientation="RAS", foreground_margin=FOREGROUND_MARGIN)
     path = tmp_path_factory.mktemp("ckpt") / "ct.ckpt"
     torch.save(checkpoint, path)
     return path
@@ -87,7 +87,8 @@ def threshold(ct_checkpoint) -> float:
     """0.5, or lower where the barely trained model is less confident, so that some class is present."""
     model, meta = load_model(ct_checkpoint)
     recorded = CheckpointSettings.from_dict(meta["preprocessing"])
-    assert recorded.preprocessing == Preprocessing(tuple(CT_SPACING_MM), (-175.0, 250.0))
+    assert recorded.preprocessing == Preprocessing(tuple(CT_SPACING_MM), (-175.0, 250.0),
+                                                   foreground_margin=FOREGROUND_MARGIN)
     image, _ = recorded.preprocessing(read_scan(shared_data("totalseg-case") / "ct.nii.gz"))
     probabilities = model_grid_probabilities(model, image, model.class_names, StreamingInferer(recorded.roi_size))
     top = torch.stack(probabilities).float().amax(0)

@@ -185,7 +185,7 @@ def test_the_adapter_of_a_new_class_is_under_one_percent_of_a_default_model(tmp_
 def test_python_fit_records_the_datamodule_preprocessing_and_warns_when_it_differs(start_ckpt, tmp_path):
     meta = torch.load(start_ckpt, weights_only=False)[CHECKPOINT_KEY]
     assert meta["preprocessing"] == {"roi_size": list(ROI), "sw_overlap": 0.5, "spacing": [1.5, 1.5, 1.5],
-                                     "hu_window": [0.0, 1.0], "orientation": "RAS"}
+                                     "hu_window": [0.0, 1.0], "orientation": "RAS", "foreground_margin": None}
 
     def finetune(spacing) -> list[str]:
         task = UniversalSegmentation(classes=[*OLD, NEW], init_from=str(start_ckpt), finetune="new_classes",
@@ -210,7 +210,7 @@ def test_cli_fit_records_the_datamodule_preprocessing(tmp_path):
     cli.trainer.save_checkpoint(tmp_path / "tiny.ckpt")
     meta = torch.load(tmp_path / "tiny.ckpt", weights_only=False)[CHECKPOINT_KEY]
     assert meta["preprocessing"] == {"roi_size": [16, 16, 16], "sw_overlap": 0.5, "spacing": [2.0, 2.0, 3.0],
-                                     "hu_window": [0.0, 1.0], "orientation": "RAS"}
+                                     "hu_window": [0.0, 1.0], "orientation": "RAS", "foreground_margin": None}
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():

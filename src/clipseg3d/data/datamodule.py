@@ -22,7 +22,6 @@ from monai.data.utils import set_rnd
 from monai.transforms import (
     ClassesToIndicesd,
     Compose,
-    CropForegroundd,
     DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -42,6 +41,9 @@ from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW, Preprocessing
 from clipseg3d.data.scans import find_scans, read_scan
 from clipseg3d.data.targets import LabelMapError
 from clipseg3d.data.transforms import LabelMapToTargetsd, LoadSegmentationsd, LoadSliceMasksd
+
+#: voxels kept around the body's box (training crops and inference see the same box)
+FOREGROUND_MARGIN = 4
 
 
 class ManifestError(ValueError):
@@ -193,7 +195,8 @@ class CTDataModule(L.LightningDataModule):
     @property
     def preprocessing(self) -> Preprocessing:
         """What inference must repeat, recorded in checkpoints."""
-        return Preprocessing(spacing=tuple(self.hparams.spacing), hu_window=tuple(self.hparams.hu_window))
+        return Preprocessing(spacing=tuple(self.hparams.spacing), hu_window=tuple(self.hparams.hu_window),
+                             foreground_margin=FOREGROUND_MARGIN)
 
     # -- pipelines ------------------------------------------------------------------------
     def deterministic_transforms(self, label_map: LabelMap) -> list:
@@ -208,7 +211,7 @@ class CTDataModule(L.LightningDataModule):
             LabelMapToTargetsd(keys=("label",), label_map=label_map, class_names=self.class_names,
                                image_key="image", target_key="target"),
             *preprocessing.intensity_transforms("image"),
-            CropForegroundd(keys=["image", "target"], source_key="image", margin=4, allow_smaller=True),
+            *preprocessing.crop_transforms("image", ("target",)),
             SpatialPadd(keys=["image", "target"], spatial_size=self.hparams.crop_size),
             EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
             EnsureTyped(keys=["target"], dtype=torch.uint8, track_meta=False),
