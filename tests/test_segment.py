@@ -22,7 +22,7 @@ from clipseg3d.cli.segment import main, output_names
 from clipseg3d.data.datamodule import FOREGROUND_MARGIN, CTDataModule
 from clipseg3d.data.preprocess import ModelGrid, Preprocessing
 from clipseg3d.data.scans import Scan, read_scan
-from clipseg3d.inference.masks import depth, nested_classes
+from clipseg3d.inference.masks import nested_classes
 from clipseg3d.inference.overlay import (
     GAP_PX,
     LEGEND_COLUMN_PX,
@@ -35,6 +35,7 @@ from clipseg3d.inference.pipeline import (
     model_grid_probabilities,
     write_scan_outputs,
 )
+from clipseg3d.inference.postprocess import class_depth
 from clipseg3d.inference.sliding_window import StreamingInferer, flip_averaged
 from clipseg3d.inference.writer import SegmentationWriter
 from clipseg3d.models.checkpoint import load_model
@@ -169,7 +170,7 @@ def test_output_names_disambiguate_clashing_scan_names():
 
 def test_depth_and_nesting_come_from_the_catalog_even_without_every_parent():
     catalog = ClassCatalog.builtin().subset(["right_kidney", "kidney_tumor", "liver", "spleen"])
-    assert [depth(name, catalog) for name in catalog.names] == [0, 1, 0, 0]
+    assert [class_depth(name, catalog) for name in catalog.names] == [0, 1, 0, 0]
     assert nested_classes(catalog.names, catalog) == ["right_kidney", "kidney_tumor"]
     assert nested_classes(["liver", "kidney_tumor"], catalog) == []
 

@@ -22,13 +22,7 @@ import torch
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.data.preprocess import ModelGrid
 from clipseg3d.inference.outputs import as_uint8
-from clipseg3d.inference.postprocess import PostprocessConfig
-
-
-def depth(name: str, catalog: ClassCatalog) -> int:
-    """0 for a class without parents, else one more than its deepest parent in ``catalog`` (tumours: 1)."""
-    parents = [parent for parent in catalog[name].parents if parent in catalog]
-    return 1 + max((depth(parent, catalog) for parent in parents), default=0) if catalog[name].parents else 0
+from clipseg3d.inference.postprocess import PostprocessConfig, class_depth
 
 
 def nested_classes(class_names: Sequence[str], catalog: ClassCatalog) -> list[str]:
@@ -80,7 +74,7 @@ def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: 
     (``None`` for the others). ``probabilities`` (model grid) is consumed one class at a time;
     ``save_probability(name, probability)`` sees each class's scan-grid probabilities.
     """
-    levels = {name: depth(name, catalog) for name in class_names}
+    levels = {name: class_depth(name, catalog) for name in class_names}
     exclusive = DepthArgmax(grid.scan_shape, len(class_names))
     masks: dict[str, np.ndarray] = {}
     tumour_probabilities: list[np.ndarray | None] = []

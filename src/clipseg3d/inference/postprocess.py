@@ -317,12 +317,12 @@ def _canonical(name: str, catalog: ClassCatalog) -> str:
     return entry.name if entry is not None else name
 
 
-def _specificity(name: str, catalog: ClassCatalog) -> int:
-    """0 for a class without parents (or unknown), else one more than its most specific parent."""
+def class_depth(name: str, catalog: ClassCatalog) -> int:
+    """0 for a class without parents (or unknown), else one more than its deepest parent (tumours: 1)."""
     entry = catalog.get(name)
     if entry is None:
         return 0
-    return 1 + max((_specificity(parent, catalog) for parent in entry.parents), default=-1)
+    return 1 + max((class_depth(parent, catalog) for parent in entry.parents), default=-1)
 
 
 def merge_label_map(masks: Masks, class_names: Sequence[str],
@@ -336,7 +336,7 @@ def merge_label_map(masks: Masks, class_names: Sequence[str],
     dtype = np.uint8 if len(class_names) < 256 else np.uint16
     shape = next(iter(named.values())).shape if named else ()
     label_map = np.zeros(shape, dtype=dtype)
-    order = sorted(range(len(class_names)), key=lambda index: (_specificity(class_names[index], catalog), index))
+    order = sorted(range(len(class_names)), key=lambda index: (class_depth(class_names[index], catalog), index))
     for index in order:
         label_map[np.asarray(named[class_names[index]], dtype=bool)] = index + 1
     return label_map, {index + 1: name for index, name in enumerate(class_names)}
