@@ -12,6 +12,7 @@ import yaml
 
 from clipseg3d.cli.main import lightning_main
 from clipseg3d.cli.segment import main as segment_main
+
 from conftest import REPO
 
 LEGACY = REPO / "tests" / "data" / "legacy"

@@ -12,6 +12,7 @@ from clipseg3d.cli.segment import main as segment_main
 from clipseg3d.files import UnsafeFileError, load_torch_data
 from clipseg3d.models.text_encoder import EmbeddingCache
 from clipseg3d.training.finetune import FinetuneError, start_from_checkpoint
+
 from conftest import REPO
 
 
