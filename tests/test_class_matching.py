@@ -1,17 +1,25 @@
 """Classes named in plain words: matched by text similarity with the built-in sentence encoder."""
 
+from dataclasses import replace
+
 import pytest
 
-from clipseg3d.catalog import CatalogError, ClassCatalog
+from clipseg3d.catalog import CatalogError, ClassCatalog, ClassEntry
 from clipseg3d.cli import classes
+from clipseg3d.cli.main import lightning_main, main
 from clipseg3d.models import class_matching, text_encoder
 from clipseg3d.models.class_matching import (
     MIN_MARGIN,
     MIN_SCORE,
+    REWORDED_DISCOUNT,
     ClassMatcher,
     ClassMatchError,
     resolve_class_names,
+    reworded,
 )
+from clipseg3d.models.text_encoder import embed_prompts
+
+from conftest import REPO
 
 CATALOG = ClassCatalog.builtin()
 
@@ -46,6 +54,9 @@ PLAIN_NAMES = [
     ("right femoral head", "right_head_of_femur"),
     ("kidney on the left", "left_kidney"),
     ("the right lung", "right_lung"),
+    ("hepatic lesion", "liver_tumor"),
+    ("renal mass", "kidney_tumor"),
+    ("the big artery", "aorta"),
 ]
 NONSENSE = ["banana", "quarterly tax report", "the weather tomorrow", "football match", "computer keyboard",
             "purple elephant"]
@@ -82,9 +93,11 @@ def test_nonsense_is_rejected_with_the_three_nearest_classes(name, matcher):
 
 
 def test_accepted_and_rejected_scores_keep_clear_of_the_threshold(matcher):
-    accepted = [matcher.match(name)[0].score for name, _ in PLAIN_NAMES]
+    matches = [matcher.match(name) for name, _ in PLAIN_NAMES]
+    accepted = [best.score for best, _ in matches]
     rejected = [matcher.rank(name)[0].score for name in NONSENSE]
     assert min(accepted) >= MIN_SCORE + 0.04
+    assert min(best.score - ranking[1].score for best, ranking in matches) >= MIN_MARGIN + 0.005
     assert max(rejected) <= MIN_SCORE - 0.2
 
 
@@ -151,3 +164,58 @@ def test_classes_find_without_a_match_still_ranks_and_exits_1(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 + 5 + 1
     assert lines[-1].startswith("no class matched 'banana': best similarity")
+
+
+# -- what a class is matched against ------------------------------------------------------------------
+def test_the_medical_words_are_reworded_as_whole_words():
+    assert reworded("Hepatic lesion, renal masses") == "liver tumor, kidney tumors"
+    assert reworded("massive hepatocyte") == "massive hepatocyte"
+
+
+def test_a_reworded_query_scores_its_exact_class_less_the_discount(matcher):
+    best, _ = matcher.match("hepatic lesion")  # reworded: "liver tumor", the class's own name
+    assert best.name == "liver_tumor"
+    assert best.score == pytest.approx(1.0 - REWORDED_DISCOUNT, abs=1e-5)
+
+
+def test_a_description_is_matched_when_the_names_say_less():
+    query = "the big artery"
+    aorta = CATALOG["aorta"]
+    assert aorta.description
+    asked, described = embed_prompts([query, aorta.description])
+    best, _ = ClassMatcher(CATALOG).match(query)
+    assert best.name == "aorta" and best.score == pytest.approx(float(asked @ described), abs=1e-5)
+    without = ClassCatalog([replace(entry, description="") for entry in CATALOG])
+    with pytest.raises(ClassMatchError, match=f"< {MIN_SCORE:.2f}"):
+        ClassMatcher(without).match(query)
+
+
+def test_the_catalog_reads_descriptions_and_keeps_old_entries_valid():
+    assert all(entry.description for entry in CATALOG)
+    entry = ClassEntry.from_dict({"name": "tendon", "description": "  a cord that joins\n muscle to bone "},
+                                 source="plugin p 1.0")
+    assert entry.description == "a cord that joins muscle to bone"
+    assert ClassEntry.from_dict({"name": "tendon"}).description == ""
+    old = {key: value for key, value in vars(CATALOG["liver"]).items() if key != "description"}
+    assert ClassEntry(**old) == CATALOG["liver"]  # an entry from an older checkpoint is the same class
+    with pytest.raises(CatalogError, match=r"class 'tendon' \(plugin p 1.0\): description must be text"):
+        ClassEntry.from_dict({"name": "tendon", "description": ["a", "cord"]}, source="plugin p 1.0")
+
+
+# -- configs --------------------------------------------------------------------------------------------
+TINY = str(REPO / "experiments" / "tiny.yaml")
+
+
+def test_config_classes_in_plain_words_resolve_for_model_and_data(capsys):
+    cli = lightning_main(["--config", TINY, "--model.classes=[spleen,hepatic lesion]"], run=False)
+    assert cli.model.class_names == ["spleen", "liver_tumor"]
+    assert cli.datamodule.class_names == ["spleen", "liver_tumor"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: model.classes: 'hepatic lesion' -> liver_tumor (similarity 0.95)"]
+
+
+def test_a_config_class_that_matches_nothing_is_one_error_line(capsys):
+    assert main(["fit", "--config", TINY, "--model.classes=[spleen,banana]"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("clipseg3d fit: error: no class matches 'banana': best similarity")
+    assert "nearest: " in lines[-1]

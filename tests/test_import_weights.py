@@ -21,12 +21,13 @@ from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import PatchMerging, PatchMergingV2
 
 from clipseg3d.catalog import ClassCatalog
-from clipseg3d.cli import import_weights, info
+from clipseg3d.cli import import_weights, info, segment
+from clipseg3d.inference.outputs import read_record
 from clipseg3d.models.checkpoint import load_model
 from clipseg3d.models.genesis_unet import GenesisUNetBackbone
 from clipseg3d.models.swin_legacy import LegacyPatchMerging, LegacySwinUNETRBackbone
 
-from conftest import REPO
+from conftest import REPO, shared_data
 
 TABLES = REPO / "tests" / "data" / "released"
 # the documented pre-1.5 MONAI merge order: (d, h, w) offsets of the eight concatenated samples
@@ -88,7 +89,7 @@ def plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def run(argv: list) -> tuple[int, str, str]:
     """``clipseg3d TOOL ARGS`` in-process: exit status, stdout, stderr."""
-    tool = {"import-weights": import_weights, "info": info}[argv[0]]
+    tool = {"import-weights": import_weights, "info": info, "segment": segment}[argv[0]]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = tool.main([str(arg) for arg in argv[1:]])
@@ -418,17 +419,30 @@ def test_info_refuses_what_is_not_a_checkpoint(unet_release):
     assert code == 1 and out == "" and "not a clipseg3d checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
-def test_segment_runs_the_imported_weights_with_batched_windows(unet_ckpt, tmp_path):
-    from clipseg3d.cli.segment import main as segment
+# -- segment --ckpt FILE.pth: imported in memory --------------------------------------------------------
+def imported_notes(source: Path, stderr: str) -> list[str]:
+    """The lines of ``stderr`` that say ``source`` was imported in memory."""
+    start = f"note: {source}: released weights imported in memory (unet, "
+    return [line for line in stderr.splitlines() if line.startswith(start) and line.endswith(
+        ", 32 classes); clipseg3d import-weights saves them as a checkpoint")]
 
-    volume = np.random.default_rng(0).uniform(-200, 300, (56, 32, 32)).astype(np.float32)
-    nib.save(nib.Nifti1Image(volume, np.diag([1.5, 1.5, 1.5, 1.0])), tmp_path / "ct.nii.gz")
-    args = [tmp_path / "ct.nii.gz", "--ckpt", unet_ckpt, "--roi", "32", "32", "32", "--overlap", "0", "--no-overlay",
-            "--probabilities", "--classes", "liver", "spleen"]
-    runs = {}
-    for batch in ("1", "2"):  # two windows along the first axis
-        with contextlib.redirect_stderr(io.StringIO()):
-            assert segment([str(arg) for arg in args] + ["-o", str(tmp_path / batch), "--sw-batch", batch]) == 0
-        runs[batch] = nib.load(tmp_path / batch / "ct" / "probabilities" / "liver.nii.gz").get_fdata()
-    assert runs["1"].shape == volume.shape
-    assert np.abs(runs["1"] - runs["2"]).max() <= 1.0 / 255 + 1e-6  # one quantisation step at most
+
+@pytest.mark.slow
+def test_segment_runs_released_weights_on_the_real_ct_and_writes_every_output(unet_release, tmp_path):
+    ct = shared_data("totalseg-case") / "ct.nii.gz"
+    source, _ = unet_release
+    classes = ["spleen", "right_kidney", "liver", "liver_tumor"]  # in the model's order
+    code, _, err = run(["segment", ct, "--ckpt", source, "-o", tmp_path, "--roi", 64, 64, 64, "--overlap", 0,
+                        "--probabilities", "--all-masks", "--classes", *classes])
+    assert code == 0, err
+    assert len(imported_notes(source, err)) == 1
+    folder = tmp_path / "ct"
+    written = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    assert written == {"labels.nii.gz", "classes.json", "report.json", "overlay.png",
+                       *(f"masks/{name}.nii.gz" for name in classes),
+                       *(f"probabilities/{name}.nii.gz" for name in classes)}
+    scan, labels = nib.load(ct), nib.load(folder / "labels.nii.gz")
+    assert labels.shape == scan.shape and np.allclose(labels.affine, scan.affine, atol=1e-4)
+    record = read_record(folder)
+    assert record["checkpoint_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert record["class_names"] == classes and record["settings"]["roi_size"] == [64, 64, 64]

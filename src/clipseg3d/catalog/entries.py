@@ -1,7 +1,8 @@
 """Class entries and catalogs: every class the model can segment, as data.
 
 A class is a :class:`ClassEntry` (name, kind, prompt, parent organs, left/right partner,
-aliases, and optionally the surface tolerance its evaluation uses). A :class:`ClassCatalog` is
+aliases, and optionally the surface tolerance its evaluation uses and a short description in
+plain words that naming a class in plain words is matched against). A :class:`ClassCatalog` is
 an ordered, validated collection of entries with case-insensitive look-up by name or alias. The built-in catalog lives in ``builtin.yaml``;
 plugins add entries through the ``clipseg3d.classes`` entry-point group (see
 :mod:`clipseg3d.catalog.plugins`).
@@ -44,13 +45,14 @@ class ClassEntry:
     aliases: tuple[str, ...] = ()
     source: str = "built-in"
     nsd_tolerance_mm: float | None = None  # normalised surface Dice tolerance; None: the evaluation default
+    description: str = field(default="", compare=False)  # what the class is, in plain words (for matching)
 
     @classmethod
     def from_dict(cls, data: Mapping, template: str = DEFAULT_PROMPT_TEMPLATE, source: str = "built-in") -> "ClassEntry":
         """Build an entry from a mapping as written in a catalog YAML or by a plugin."""
         data = dict(data)
         unknown = set(data) - {"name", "kind", "text", "prompt", "parents", "parent", "side", "partner", "aliases",
-                               "nsd_tolerance_mm"}
+                               "nsd_tolerance_mm", "description"}
         if unknown:
             raise CatalogError(f"class {data.get('name')!r} ({source}): unknown field(s) {sorted(unknown)}")
         if not data.get("name"):
@@ -65,11 +67,15 @@ class ClassEntry:
             aliases = (aliases,)
         text = data.get("text") or name.replace("_", " ")
         prompt = data.get("prompt") or template.format(text=text, name=name)
+        description = data.get("description") or ""
+        if not isinstance(description, str):
+            raise CatalogError(f"class {name!r} ({source}): description must be text, got {description!r}")
         tolerance = data.get("nsd_tolerance_mm")
         if isinstance(tolerance, Real) and not isinstance(tolerance, bool):
             tolerance = float(tolerance)
         return cls(name=name, kind=kind, prompt=prompt, parents=tuple(parents), side=data.get("side"),
-                   partner=data.get("partner"), aliases=tuple(aliases), source=source, nsd_tolerance_mm=tolerance)
+                   partner=data.get("partner"), aliases=tuple(aliases), source=source, nsd_tolerance_mm=tolerance,
+                   description=" ".join(description.split()))
 
     def check(self) -> None:
         """Raise :class:`CatalogError` if this entry is malformed on its own."""

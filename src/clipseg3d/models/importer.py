@@ -6,7 +6,8 @@ the ``clipseg3d`` metadata), so :func:`~clipseg3d.models.checkpoint.load_model` 
 (:class:`~clipseg3d.models.original_head.OriginalHead`) on the released backbone; the metadata
 records the preprocessing the weights expect and where the weights came from (file name and
 sha256). The rows of the class embedding table are the classes in the original order, which is
-the built-in catalog's; another class count needs the class names.
+the built-in catalog's; another class count needs the class names. :func:`open_model` reads either
+a clipseg3d checkpoint or a released file, which it imports in memory (``clipseg3d segment``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from clipseg3d.catalog import ClassCatalog, load_catalog
 from clipseg3d.files import UnsafeFileError, load_torch_data
 from clipseg3d.models.backbones import build_backbone
-from clipseg3d.models.checkpoint import CHECKPOINT_KEY
+from clipseg3d.models.checkpoint import CHECKPOINT_KEY, restore_model
 from clipseg3d.models.model import UniversalModel
 from clipseg3d.models.released import ARCHITECTURES, EMBEDDING_KEY, check_fits, map_released, state_dict_of
 from clipseg3d.models.text_encoder import CLIP_VIT_B32
@@ -34,6 +35,10 @@ LICENCE_NOTE = ("weights imported from a released CLIP-driven Universal Model / 
 
 class WeightImportError(ValueError):
     """A weight file (or its companions) that cannot be imported; the message is one line."""
+
+
+class ClassCountError(WeightImportError):
+    """A file whose class count is not the original one, imported without class names."""
 
 
 def sha256_of(path: Path) -> str:
@@ -73,7 +78,7 @@ def import_classes(count: int, class_names: Sequence[str] | None) -> list:
     if class_names is None:
         builtin = ClassCatalog.builtin()
         if count != len(builtin):
-            raise WeightImportError(f"the file has {count} classes, not the original {len(builtin)}: "
+            raise ClassCountError(f"the file has {count} classes, not the original {len(builtin)}: "
                                     "name them with --class-names (a YAML or JSON list of catalog names)")
         return list(builtin)
     catalog = load_catalog()
@@ -109,12 +114,39 @@ def build_model(content: Any, arch: str = "auto", text_embeddings: Path | None =
     return model.eval(), record
 
 
-def import_weights(path: Path, arch: str = "auto", text_embeddings: Path | None = None,
-                   class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """The clipseg3d checkpoint dict of a released weight file (read as data only)."""
-    model, record = build_model(read_torch_file(path), arch, text_embeddings, class_names)
+def _imported(content: Any, path: Path, arch: str, text_embeddings: Path | None,
+              class_names: Sequence[str] | None) -> tuple[UniversalModel, dict[str, Any]]:
+    """The model of a released file's content and the metadata its checkpoint records."""
+    model, record = build_model(content, arch, text_embeddings, class_names)
     meta = model.metadata()
     meta["preprocessing"] = dict(PREPROCESSING)
     meta[IMPORT_KEY] = {"source_file": path.name, "sha256": sha256_of(path), **record}
+    return model, meta
+
+
+def import_weights(path: Path, arch: str = "auto", text_embeddings: Path | None = None,
+                   class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The clipseg3d checkpoint dict of a released weight file (read as data only)."""
+    model, meta = _imported(read_torch_file(path), path, arch, text_embeddings, class_names)
     state = {f"model.{name}": value for name, value in model.state_dict().items()}
     return {"state_dict": state, CHECKPOINT_KEY: meta}
+
+
+def open_model(path: Path, text_embeddings: Path | None = None,
+               map_location: str | torch.device = "cpu") -> tuple[UniversalModel, dict[str, Any], bool]:
+    """The model and metadata of a clipseg3d checkpoint, or of a released weight file imported in
+    memory exactly as :func:`import_weights` imports it (architecture found from the keys); the flag
+    says which. The file is read once, as data only. ``text_embeddings`` applies to released files only.
+    """
+    content = read_torch_file(path)
+    if isinstance(content, dict) and CHECKPOINT_KEY in content:
+        if text_embeddings is not None:
+            raise WeightImportError(f"{path} is a clipseg3d checkpoint, which holds its own class embeddings: "
+                                    "--text-embeddings applies to released weight files only")
+        return restore_model(content, path).to(map_location).eval(), content[CHECKPOINT_KEY], False
+    try:
+        model, meta = _imported(content, path, "auto", text_embeddings, None)
+    except ClassCountError as err:
+        raise WeightImportError(f"{path}: {str(err).split(':')[0]}; import it once with clipseg3d import-weights "
+                                "--class-names NAMES.yaml and segment with that checkpoint") from err
+    return model.to(map_location).eval(), meta, True
