@@ -16,7 +16,10 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
+from clipseg3d.catalog import load_catalog
 from clipseg3d.data.datamodule import ManifestError
+from clipseg3d.models.class_matching import ClassMatchError, resolve_class_names
+from clipseg3d.training.resume import ResumeError, require_last_checkpoint
 from clipseg3d.training.task import UniversalSegmentation
 
 TOOLS = {
@@ -38,6 +41,25 @@ class UniversalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.classes", "data.init_args.classes")
         parser.link_arguments("data.init_args.crop_size", "model.roi_size")
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` that finds no checkpoint is an error, before anything trains."""
+        if self.config_init[self.subcommand].get("ckpt_path") == "last":
+            require_last_checkpoint(self.trainer)
+
+    def before_instantiate_classes(self) -> None:
+        """``model.classes`` given in plain words become catalog names (and so the data's linked
+        classes), one ``note:`` line on stderr per name matched by similarity."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        names = config.get("model.classes")
+        if not names:
+            return
+        resolved, notes = resolve_class_names(names, load_catalog(), config.get("model.text_encoder"))
+        for note in notes:
+            print(f"note: model.classes: {note}", file=sys.stderr)
+        config["model.classes"] = resolved
+        if config.get("data.init_args.classes") == names:
+            config["data.init_args.classes"] = resolved
 
 
 def quiet_gpu_decoder_notices() -> None:
@@ -80,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return module.main(argv[1:])
     try:
         lightning_main(None if from_command_line else argv)
-    except ManifestError as err:  # bad training data: the lines that say what, not a traceback
+    except (ManifestError, ClassMatchError, ResumeError) as err:  # bad training data or class name: one line, no traceback
         print(f"clipseg3d {argv[0]}: error: {err}", file=sys.stderr)
         return 1
     return 0
