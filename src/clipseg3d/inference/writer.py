@@ -11,6 +11,10 @@ atomically, skipping finished scans unless ``overwrite``.
 
 Use it with ``trainer.predict(..., return_predictions=False)`` so that Lightning does not keep
 every batch's probabilities in memory.
+
+Under DDP every process runs the writer on the scans its sampler gives it; the predict
+dataloader's sampler (:func:`~clipseg3d.data.distributed.unrepeated_sampler`) gives each scan to
+exactly one process, so each scan's folder is written once, by one process.
 """
 
 from __future__ import annotations
