@@ -3,7 +3,9 @@
 Each ``--pred`` subfolder ``<case>/`` is scored against ``--gt``'s ``<case>.nii.gz``: Dice, NSD
 and HD95 per class in the scan's spacing, and tumour detection. ``-o OUT`` receives
 ``metrics.csv``, ``summary.md`` and ``metrics.png``. A case that cannot be scored is one line on
-stderr and the others are still scored; the exit status is then 1.
+stderr and the others are still scored; the exit status is then 1. ``--split FILE`` (a split file
+of ``clipseg3d index --split``) scores only its test cases; a test case without a prediction
+folder counts as failed, so a published number never silently leaves cases out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm import tqdm
 from clipseg3d.catalog import CatalogError, ClassCatalog, load_catalog
 from clipseg3d.cli.parsing import CommandParser, command_parser, error_line, fail
 from clipseg3d.data.labelmap import LabelMap, available_label_maps
+from clipseg3d.data.splits import SplitError, read_split
 from clipseg3d.evaluation.detection import DEFAULT_DETECTION_ML
 from clipseg3d.evaluation.report import Evaluation, write_reports
 from clipseg3d.evaluation.scoring import find_cases, iter_scores
@@ -36,6 +39,8 @@ def build_parser() -> CommandParser:
                         help=f"the truth's dataset: a built-in label-map name or a YAML path; null: {OWN_NUMBERING}")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for metrics.csv, summary.md, "
                         "metrics.png")
+    parser.add_argument("--split", type=Path, default=None, metavar="FILE",
+                        help="a split file (clipseg3d index --split): score only its test cases")
     parser.add_argument("--detection-ml", type=float, default=DEFAULT_DETECTION_ML,
                         help="predicted tumour volume (ml) from which a patient counts as detected")
     return parser
@@ -55,7 +60,14 @@ def _checked_options(parser: CommandParser, args, catalog: ClassCatalog) -> tupl
         except (ValueError, CatalogError) as err:
             parser.error(str(err))
     cases = find_cases(args.pred)
-    if not cases:
+    if args.split is not None:
+        try:
+            cases = read_split(args.split)["test"]
+        except SplitError as err:
+            parser.error(f"--split: {err}")
+        if not cases:
+            parser.error(f"--split {args.split} has no test cases")
+    elif not cases:
         parser.error(f"--pred {args.pred} holds no case folders")
     return label_map, cases
 

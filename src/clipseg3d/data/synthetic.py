@@ -5,20 +5,37 @@ Each class of the model becomes an ellipsoid with its own intensity at a jittere
 network must use the class prompt to tell them apart. Training volumes come from
 ``num_datasets`` "datasets" that each label an interleaved share of the classes, which is the
 partial-label setting in miniature; validation volumes label every class.
+
+Test scans stand for CT scans of their own: generated at ``test_spacing`` mm over the same
+physical extent as the training volumes, with an affine, a raw label volume (value k + 1 for
+class k, tumours over their parents) and a label map, so ``clipseg3d test`` scores them on their
+own grid. :meth:`SyntheticDataModule.write_test_cases` writes them as NIfTI (image, label, label
+map, manifest) for ``clipseg3d segment`` and ``clipseg3d evaluate``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import lightning as L
+import nibabel as nib
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from clipseg3d.catalog import ClassCatalog, load_catalog
+from clipseg3d.data.distributed import unrepeated_sampler
+from clipseg3d.data.labelmap import LabelMap
 from clipseg3d.data.preprocess import Preprocessing
+from clipseg3d.data.scans import Scan
+from clipseg3d.data.test_scans import TestCase, collate_test_scans, scan_item
+from clipseg3d.files import replace_atomically, write_text_atomic
+
+SYNTHETIC_LABEL_MAP = "synthetic"
 
 
 def _ellipsoid(grid: np.ndarray, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -83,6 +100,71 @@ class SyntheticDataset(Dataset):
         return self.items[index]
 
 
+def synthetic_label_map(class_names: Sequence[str]) -> dict:
+    """The label map of the synthetic raw labels, as YAML data: value k + 1 is class k."""
+    return {"name": SYNTHETIC_LABEL_MAP, "label_count": len(class_names),
+            "labels": {k + 1: name for k, name in enumerate(class_names)}}
+
+
+def raw_labels(targets: np.ndarray, class_names: Sequence[str], catalog: ClassCatalog) -> np.ndarray:
+    """One raw value per voxel (k + 1 for class k, 0 background); a tumour's value covers its parent's."""
+    nested = [k for k, name in enumerate(class_names) if set(catalog[name].parents) & set(class_names)]
+    label = np.zeros(targets.shape[1:], np.uint8)
+    for k in [k for k in range(len(class_names)) if k not in nested] + nested:
+        label[targets[k] > 0] = k + 1
+    return label
+
+
+def synthetic_test_cases(class_names: Sequence[str], count: int, size: Sequence[int], spacing: Sequence[float],
+                         seed: int, noise: float = 0.05) -> list[TestCase]:
+    """``count`` scans of ``size`` voxels of ``spacing`` mm (RAS, centred on the origin) with raw labels."""
+    catalog = load_catalog()
+    label_map = LabelMap.from_mapping(synthetic_label_map(class_names), source=SYNTHETIC_LABEL_MAP, catalog=catalog)
+    rng = np.random.default_rng(seed)
+    affine = np.diag([*map(float, spacing), 1.0])
+    affine[:3, 3] = -0.5 * (np.asarray(size) - 1) * np.asarray(spacing)
+    affine = affine.astype(np.float32).astype(np.float64)  # as a NIfTI header stores it
+    cases = []
+    for i in range(count):
+        image, targets = synthetic_volume(class_names, size, rng, catalog, noise)
+        name = f"synthetic_test_{i:03d}"
+        scan = Scan(array=image[0], affine=affine.copy(), path=Path(f"{name}.nii.gz"), kind="nifti")
+        cases.append(TestCase(name, scan, raw_labels(targets, class_names, catalog), label_map))
+    return cases
+
+
+def write_cases(cases: Sequence[TestCase], class_names: Sequence[str], folder: Path) -> Path:
+    """``imagesTs/<case>.nii.gz``, ``labelsTs/<case>.nii.gz``, ``synthetic.yaml`` (the label map) and
+    ``synthetic.jsonl`` (a manifest) in ``folder``; returns the manifest's path."""
+    folder = Path(folder)
+    label_map = write_text_atomic(folder / f"{SYNTHETIC_LABEL_MAP}.yaml",
+                                  yaml.safe_dump(synthetic_label_map(class_names), sort_keys=False))
+    records = []
+    for case in cases:
+        paths = {key: folder / sub / f"{case.name}.nii.gz"
+                 for key, sub in (("image", "imagesTs"), ("label", "labelsTs"))}
+        for key, array in (("image", case.scan.array.astype(np.float32)), ("label", case.label)):
+            volume = nib.Nifti1Image(array, case.scan.affine)
+            replace_atomically(paths[key], lambda temp, volume=volume: nib.save(volume, str(temp)))
+        records.append({"image": str(paths["image"].resolve()), "label": str(paths["label"].resolve()),
+                        "dataset": str(label_map.resolve()), "case": case.name})
+    return write_text_atomic(folder / f"{SYNTHETIC_LABEL_MAP}.jsonl",
+                             "".join(json.dumps(record) + "\n" for record in records))
+
+
+class SyntheticTestSet(Dataset):
+    """The test scans as :mod:`~clipseg3d.data.test_scans` items, prepared by ``preprocessing``."""
+
+    def __init__(self, cases: Sequence[TestCase], preprocessing: Preprocessing):
+        self.cases, self.preprocessing = list(cases), preprocessing
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        return scan_item(self.cases[index], self.preprocessing)
+
+
 class SyntheticDataModule(L.LightningDataModule):
     """Generated volumes in memory: training from partially labelling datasets, fully labelled validation.
 
@@ -90,17 +172,20 @@ class SyntheticDataModule(L.LightningDataModule):
         classes: the model's class names (linked from the model in configs).
         crop_size: size of every generated volume (so also the training crop and sliding window).
         spacing: the voxel spacing in mm the volumes stand for (recorded in checkpoints).
-        train_volumes, val_volumes: how many volumes to generate.
+        train_volumes, val_volumes, test_volumes: how many volumes to generate.
+        test_spacing: the test scans' voxel spacing in mm; they cover the training volumes' extent
+            (``crop_size * spacing`` mm), so their shape is that extent over ``test_spacing``.
         num_datasets: how many partially labelling "datasets" share the training classes.
         batch_size, num_workers: loader settings.
         noise: Gaussian noise sigma on the [0, 1] intensities.
-        seed: generation seed (validation uses ``seed + 1``).
+        seed: generation seed (validation uses ``seed + 1``, test ``seed + 2``).
     """
 
     def __init__(self, classes: list[str] | None = None, crop_size: tuple[int, int, int] = (32, 32, 32),
                  spacing: tuple[float, float, float] = (1.5, 1.5, 1.5), train_volumes: int = 16,
-                 val_volumes: int = 4, num_datasets: int = 2, batch_size: int = 2, num_workers: int = 0,
-                 noise: float = 0.05, seed: int = 0):
+                 val_volumes: int = 4, test_volumes: int = 2,
+                 test_spacing: tuple[float, float, float] = (3.0, 3.0, 3.0), num_datasets: int = 2,
+                 batch_size: int = 2, num_workers: int = 0, noise: float = 0.05, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.class_names = load_catalog().resolve(classes) if classes is not None else load_catalog(with_plugins=False).names
@@ -118,6 +203,21 @@ class SyntheticDataModule(L.LightningDataModule):
                                               h.num_datasets, h.noise)
             self.val_set = SyntheticDataset(self.class_names, h.val_volumes, h.crop_size, h.seed + 1, 1, h.noise)
 
+    @property
+    def test_cases(self) -> list[TestCase]:
+        """The test scans with their raw labels (generated once)."""
+        if not hasattr(self, "_test_cases"):
+            h = self.hparams
+            extent = np.asarray(h.crop_size, dtype=float) * np.asarray(h.spacing, dtype=float)
+            size = [max(1, int(round(mm / step))) for mm, step in zip(extent, h.test_spacing)]
+            self._test_cases = synthetic_test_cases(self.class_names, h.test_volumes, size, h.test_spacing,
+                                                    h.seed + 2, h.noise)
+        return self._test_cases
+
+    def write_test_cases(self, folder: str | Path) -> Path:
+        """Write the test scans as NIfTI with their labels, label map and manifest (see :func:`write_cases`)."""
+        return write_cases(self.test_cases, self.class_names, Path(folder))
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
                           num_workers=self.hparams.num_workers)
@@ -125,5 +225,10 @@ class SyntheticDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=1, num_workers=self.hparams.num_workers)
 
-    test_dataloader = val_dataloader
+    def test_dataloader(self) -> DataLoader:
+        cases = SyntheticTestSet(self.test_cases, self.preprocessing)
+        sampler = unrepeated_sampler(cases, self.trainer, "test_volumes")  # under DDP: each scan on one process
+        return DataLoader(cases, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers,
+                          collate_fn=collate_test_scans)
+
     predict_dataloader = val_dataloader
