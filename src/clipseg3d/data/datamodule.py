@@ -10,17 +10,16 @@ labels (tumour classes weighted up). Datasets are mixed with a weighted sampler.
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Literal, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
-from monai.data.utils import set_rnd
+from monai.data.utils import json_hashing
 from monai.transforms import (
-    ClassesToIndicesd,
     Compose,
     DeleteItemsd,
     EnsureChannelFirstd,
@@ -31,16 +30,21 @@ from monai.transforms import (
     RandSpatialCropSamplesd,
     SpatialPadd,
 )
-from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader
 
 from clipseg3d.catalog import load_catalog
+from clipseg3d.data.code_maps import CodeClassIndicesd, CodesToTargetsd
+from clipseg3d.data.distributed import cache_mode, fill_disk_caches, processes, unrepeated_sampler, warn_memory_cache
 from clipseg3d.data.grids import region_mismatch
 from clipseg3d.data.index import LABEL_FORMS
 from clipseg3d.data.labelmap import LabelMap
 from clipseg3d.data.preprocess import DEFAULT_HU_WINDOW, Preprocessing
+from clipseg3d.data.sampling import PositionSampler, ResumableDataLoader, SeededConcatDataset
 from clipseg3d.data.scans import find_scans, read_scan
+from clipseg3d.data.splits import SplitError, select
 from clipseg3d.data.targets import LabelMapError
-from clipseg3d.data.transforms import LabelMapToTargetsd, LoadSegmentationsd, LoadSliceMasksd
+from clipseg3d.data.test_scans import TestScanDataset, collate_test_scans, grid_problems
+from clipseg3d.data.transforms import LabelMapToCodesd, LoadSegmentationsd, LoadSliceMasksd
 
 #: voxels kept around the body's box (training crops and inference see the same box)
 FOREGROUND_MARGIN = 4
@@ -148,14 +152,6 @@ def collate_scans(items: Sequence[dict]) -> dict:
             "image_path": [item["image_path"] for item in items]}
 
 
-def seed_worker(worker_id: int, seed: int) -> None:
-    """Reseed a loader worker's copy of the random transforms from ``seed`` and its own torch seed
-    (distinct per worker, drawn from the seeded generator), so workers neither repeat each other
-    nor depend on the OS."""
-    info = torch.utils.data.get_worker_info()
-    set_rnd(info.dataset, seed=seed + info.seed)
-
-
 class CTDataModule(L.LightningDataModule):
     """Mixes partially labelled CT datasets given as manifests.
 
@@ -163,6 +159,11 @@ class CTDataModule(L.LightningDataModule):
         manifests: training manifests, one per dataset (``clipseg3d index`` writes them).
         val_manifests: validation manifests; when empty, ``val_fraction`` of each training
             manifest's cases is held out (chosen by ``seed``).
+        test_manifests: manifests of test scans for ``clipseg3d test`` (every case), scored on each
+            scan's own grid (:mod:`clipseg3d.data.test_scans`).
+        splits: use each manifest's split file (``<manifest>.split.json``, written by ``clipseg3d
+            index --split``): fit trains on its train part and validates on its val part (instead of
+            ``val_fraction``), test scores its test part (with ``test_manifests``, if any).
         classes: the model's class names (linked from the model in configs).
         spacing: target voxel spacing in mm (x, y, z after RAS orientation).
         hu_window: HU range mapped to [0, 1] (clipped).
@@ -181,7 +182,8 @@ class CTDataModule(L.LightningDataModule):
         seed: validation split, sampler and random-crop seed.
     """
 
-    def __init__(self, manifests: list[str] = (), val_manifests: list[str] = (), classes: list[str] | None = None,
+    def __init__(self, manifests: list[str] = (), val_manifests: list[str] = (), test_manifests: list[str] = (),
+                 splits: bool = False, classes: list[str] | None = None,
                  spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
                  hu_window: tuple[float, float] = DEFAULT_HU_WINDOW, crop_size: tuple[int, int, int] = (96, 96, 96),
                  samples_per_volume: int = 2, positive_fraction: float = 0.9, tumour_crop_weight: float = 3.0,
@@ -200,7 +202,8 @@ class CTDataModule(L.LightningDataModule):
 
     # -- pipelines ------------------------------------------------------------------------
     def deterministic_transforms(self, label_map: LabelMap) -> list:
-        """Load, :attr:`preprocessing` (targets made on the model grid while the image is in HU), crop."""
+        """Load, :attr:`preprocessing` (class codes made on the model grid while the image is in HU), crop:
+        ``image``, ``codes`` (int16 code map) and its ``code_table`` (:mod:`clipseg3d.data.code_maps`)."""
         preprocessing = self.preprocessing
         return [
             LoadImaged(keys=["image", "label"], image_only=True, allow_missing_keys=True),
@@ -208,13 +211,13 @@ class CTDataModule(L.LightningDataModule):
             LoadSegmentationsd(keys=("segmentations",), label_map=label_map, allow_missing_keys=True),
             EnsureChannelFirstd(keys=["image", "label"]),
             *preprocessing.spatial_transforms("image", ("label",)),
-            LabelMapToTargetsd(keys=("label",), label_map=label_map, class_names=self.class_names,
-                               image_key="image", target_key="target"),
+            LabelMapToCodesd(keys=("label",), label_map=label_map, class_names=self.class_names,
+                             image_key="image", code_key="codes", table_key="code_table"),
             *preprocessing.intensity_transforms("image"),
-            *preprocessing.crop_transforms("image", ("target",)),
-            SpatialPadd(keys=["image", "target"], spatial_size=self.hparams.crop_size),
+            *preprocessing.crop_transforms("image", ("codes",)),
+            SpatialPadd(keys=["image", "codes"], spatial_size=self.hparams.crop_size),
             EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
-            EnsureTyped(keys=["target"], dtype=torch.uint8, track_meta=False),
+            EnsureTyped(keys=["codes"], dtype=torch.int16, track_meta=False),
         ]
 
     def crop_ratios(self, label_map: LabelMap) -> list[float]:
@@ -226,40 +229,67 @@ class CTDataModule(L.LightningDataModule):
                 for name in self.class_names]
 
     def random_crops(self, label_map: LabelMap) -> list:
+        """Crops of ``image`` and ``codes``, then each crop's K-channel ``target`` from its codes."""
         h = self.hparams
-        keys = ["image", "target"]
-        by_class = RandCropByLabelClassesd(keys=keys, label_key="target", spatial_size=h.crop_size,
+        keys = ["image", "codes"]
+        by_class = RandCropByLabelClassesd(keys=keys, label_key="codes", spatial_size=h.crop_size,
                                            ratios=self.crop_ratios(label_map), num_classes=len(self.class_names),
-                                           indices_key="target_cls_indices",
-                                           num_samples=h.samples_per_volume, warn=False)
+                                           indices_key="class_indices", num_samples=h.samples_per_volume, warn=False)
         anywhere = RandSpatialCropSamplesd(keys=keys, roi_size=h.crop_size, num_samples=h.samples_per_volume,
                                            random_size=False)
         return [OneOf([by_class, anywhere], weights=[h.positive_fraction, 1.0 - h.positive_fraction]),
-                EnsureTyped(keys=keys, track_meta=False), DeleteItemsd(keys="target_cls_indices")]
+                DeleteItemsd(keys="class_indices"), CodesToTargetsd(keys="codes", table_key="code_table"),
+                EnsureTyped(keys=["image", "target"], track_meta=False)]
 
     def _dataset(self, records: list[dict], label_map: LabelMap, train: bool):
         deterministic = self.deterministic_transforms(label_map)
         if train:  # crop-centre candidates per class, computed once (and cached) rather than per crop
-            deterministic.append(ClassesToIndicesd(keys="target", num_classes=len(self.class_names),
+            deterministic.append(CodeClassIndicesd(keys="codes", table_key="code_table",
                                                    max_samples_per_class=self.hparams.max_crop_centres))
-        if self.hparams.cache == "memory":
+        cache = cache_mode(self.hparams.cache, self.trainer)
+        if cache == "memory":
             base = CacheDataset(records, Compose(deterministic), num_workers=self.hparams.num_workers or None,
                                 progress=False)
-        elif self.hparams.cache == "disk":
-            base = PersistentDataset(records, Compose(deterministic), cache_dir=self.hparams.cache_dir)
+        elif cache == "disk":
+            # keyed by the transforms' names too: a cache written by another pipeline is not reused
+            base = PersistentDataset(records, Compose(deterministic), cache_dir=self.hparams.cache_dir,
+                                     hash_transform=json_hashing)
         else:
             base = Dataset(records, Compose(deterministic))
-        return Dataset(base, Compose(self.random_crops(label_map))) if train else base
+        if train:
+            return Dataset(base, Compose(self.random_crops(label_map)))
+        return Dataset(base, CodesToTargetsd(keys="codes", table_key="code_table"))  # whole scans
 
-    def _split(self, records: list[dict]) -> tuple[list[dict], list[dict]]:
+    def _split(self, records: list[dict], manifest: str) -> tuple[list[dict], list[dict]]:
+        if self.hparams.splits:
+            try:
+                return select(records, manifest, "train"), select(records, manifest, "val")
+            except SplitError as err:
+                raise ManifestError(str(err)) from None
         if self.hparams.val_manifests or len(records) < 2:
             return records, []
         order = np.random.default_rng(self.hparams.seed).permutation(len(records))
         held = max(1, int(round(self.hparams.val_fraction * len(records))))
         return [records[i] for i in order[held:]], [records[i] for i in order[:held]]
 
+    def prepare_data(self) -> None:
+        """Fitting with a disk cache (also a memory cache under DDP, see :mod:`clipseg3d.data.distributed`),
+        cache every training and validation case. Lightning runs this on one process per node (local
+        rank 0) while the others wait, so each dataset is cached once per node; evaluation alone needs
+        no filling, as its unrepeated sampler gives each case to one process."""
+        warn_memory_cache(self.hparams.cache, self.trainer, self.hparams.cache_dir)
+        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        if not fitting or cache_mode(self.hparams.cache, self.trainer) != "disk":
+            return
+        self.setup("fit")
+        fill_disk_caches([*(dataset for dataset, _ in self.train_sets.values()), *self.val_sets],
+                         self.hparams.num_workers)
+
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
+            return
+        if stage == "test":
+            self.test_sets = self._test_sets()
             return
         if hasattr(self, "train_sets"):
             return
@@ -273,7 +303,7 @@ class CTDataModule(L.LightningDataModule):
             if index >= len(self.hparams.manifests):
                 self.val_sets.append(self._dataset(records[index], label_map, train=False))
                 continue
-            train, val = self._split(records[index])
+            train, val = self._split(records[index], manifests[index])
             self.train_sets[label_map.name] = (self._dataset(train, label_map, train=True), len(train))
             if val:
                 self.val_sets.append(self._dataset(val, label_map, train=False))
@@ -304,24 +334,69 @@ class CTDataModule(L.LightningDataModule):
             datasets.append(dataset)
             sample_weights += [weights.get(name, 1.0) / count] * count
         total = self.hparams.samples_per_epoch or len(sample_weights)
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        sampler = WeightedRandomSampler(sample_weights, num_samples=total, replacement=True, generator=generator)
-        dataset = ConcatDataset(datasets)
-        # MONAI's random transforms otherwise draw from a state seeded by the OS at import
-        set_rnd(dataset, seed=self.hparams.seed)
-        return DataLoader(dataset, batch_size=max(1, self.hparams.batch_size // self.hparams.samples_per_volume),
-                          sampler=sampler, num_workers=self.hparams.num_workers, collate_fn=list_data_collate,
-                          worker_init_fn=partial(seed_worker, seed=self.hparams.seed),
-                          persistent_workers=self.hparams.num_workers > 0)
+        # each crop's random state follows from (seed, epoch, position): resumable, alike for any workers,
+        # and each of DDP's processes takes its share of an epoch's draws
+        world, rank = processes(self.trainer)
+        sampler = PositionSampler(sample_weights, num_samples=total, seed=self.hparams.seed, num_replicas=world,
+                                  rank=rank)
+        return ResumableDataLoader(SeededConcatDataset(datasets), sampler,
+                                   batch_size=max(1, self.hparams.batch_size // self.hparams.samples_per_volume),
+                                   num_workers=self.hparams.num_workers, collate_fn=list_data_collate,
+                                   persistent_workers=self.hparams.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sets:
             return []
-        return DataLoader(ConcatDataset(self.val_sets), batch_size=1, num_workers=self.hparams.num_workers,
+        cases = ConcatDataset(self.val_sets)
+        manifests = self.hparams.val_manifests or self.hparams.manifests
+        try:  # under DDP each process scores its own cases, none twice
+            sampler = unrepeated_sampler(cases, self.trainer, f"validation ({', '.join(map(str, manifests))})")
+        except ValueError as err:
+            raise ManifestError(str(err)) from None
+        return DataLoader(cases, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers,
                           collate_fn=list_data_collate)
 
     def predict_dataloader(self) -> DataLoader:
         if not self.hparams.predict_inputs:
             raise ManifestError("clipseg3d predict needs scans: --data.init_args.predict_inputs=[scan.nii.gz, ...]")
         scans = ScanDataset(self.hparams.predict_inputs, self.preprocessing)
-        return DataLoader(scans, batch_size=1, num_workers=self.hparams.num_workers, collate_fn=collate_scans)
+        try:  # under DDP each process writes its own scans, each once
+            sampler = unrepeated_sampler(scans, self.trainer, "predict_inputs")
+        except ValueError as err:
+            raise ManifestError(str(err)) from None
+        return DataLoader(scans, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers,
+                          collate_fn=collate_scans)
+
+    def _test_sets(self) -> list[TestScanDataset]:
+        """The test scans: every case of ``test_manifests`` and, with ``splits``, each manifest's test part."""
+        parts = [(manifest, "test") for manifest in self.hparams.manifests if self.hparams.splits]
+        parts += [(manifest, None) for manifest in self.hparams.test_manifests]
+        if not parts:
+            raise ManifestError("clipseg3d test needs test scans: --data.init_args.test_manifests=[...], or "
+                                "--data.init_args.splits=true with split files (clipseg3d index ... --split)")
+        manifests = [manifest for manifest, _ in parts]
+        records = read_manifests(manifests)
+        label_maps = self._label_maps(manifests, records)
+        try:
+            records = [select(found, manifest, part) if part else found
+                       for (manifest, part), found in zip(parts, records)]
+        except SplitError as err:
+            raise ManifestError(str(err)) from None
+        problems = [line for found in records for line in grid_problems(found)]
+        if problems:
+            raise ManifestError("test labels must lie on their scans' grids:\n" + "\n".join(problems))
+        if not any(records):
+            raise ManifestError(f"no test cases in {', '.join(map(str, manifests))} (the split files' test parts "
+                                "are empty)")
+        return [TestScanDataset(found, label_map, self.preprocessing) for found, label_map in zip(records, label_maps)
+                if found]
+
+    def test_dataloader(self) -> DataLoader:
+        """Whole test scans with their truth on the scan grid, one per batch."""
+        cases = ConcatDataset(self.test_sets)
+        try:  # under DDP each process scores its own cases, none twice
+            sampler = unrepeated_sampler(cases, self.trainer, "test scans")
+        except ValueError as err:
+            raise ManifestError(str(err)) from None
+        return DataLoader(cases, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers,
+                          collate_fn=collate_test_scans)

@@ -8,7 +8,9 @@ what each raw value stands for from a label map (:mod:`clipseg3d.data.labelmap`)
 - a class with catalog ``parents`` (a tumour) also counts for its parents; when the parents are
   a left/right pair, each voxel counts for the parent on its own side.
 
-:func:`label_volume_from_masks` builds a raw label volume from per-structure mask files.
+:func:`build_code_map` gives the same targets as one int16 code per voxel and a small code table
+(what the training caches hold). :func:`label_volume_from_masks` builds a raw label volume from
+per-structure mask files.
 """
 
 from __future__ import annotations
@@ -65,6 +67,41 @@ def build_targets(label_map: RawLabels, label: np.ndarray, affine: np.ndarray, c
     that class) and a report: ``unmapped_present`` and ``unknown_values`` (lists of dicts with
     value, name, voxels), ``midline_x`` and ``midline_from`` (None when no side was needed).
     """
+    names, label, counts, sides, codes = _class_codes(label_map, label, affine, class_names, image, catalog)
+    targets = codes.targets(names, codes.assign(label, sides), sides.right)
+    return targets, codes.labelled(names), _report(label_map, counts, sides)
+
+
+def build_code_map(label_map: RawLabels, label: np.ndarray, affine: np.ndarray, class_names: Sequence[str],
+                   image: np.ndarray | None = None, catalog: ClassCatalog | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """:func:`build_targets` as one int16 code per voxel and a code table.
+
+    Returns ``codes`` (int16, ``label.shape``), ``table`` (uint8, [M, K]) with
+    ``table[codes]`` (channels last) equal to :func:`build_targets`' targets, and its ``labelled``
+    and report. A code is ``2 * (c + 1) + right``: ``c`` the voxel's labelled class in the map
+    (-1: none; after the left/right split) and ``right`` whether it lies right of the body midline,
+    set only where a class's row depends on it (a tumour whose parents are a left/right pair).
+    Code 0 has no class, so zero padding adds none.
+    """
+    names, label, counts, sides, codes = _class_codes(label_map, label, affine, class_names, image, catalog)
+    size = len(codes.index) + 1
+    if 2 * size > np.iinfo(np.int16).max:
+        raise LabelMapError(f"{label_map.name}: {size - 1} labelled classes do not fit int16 codes")
+    voxel_codes = codes.assign(label, sides)
+    pair_classes = np.repeat(np.arange(-1, size - 1, dtype=np.int16), 2)
+    pair_right = np.tile(np.array([False, True]), size)
+    table = np.ascontiguousarray(codes.targets(names, pair_classes, lambda: pair_right).T)
+    present = np.array(sorted(codes.present), dtype=np.int64)
+    keys = (voxel_codes + 1) * np.int16(2)
+    if np.any(table[2 * present + 2] != table[2 * present + 3]):
+        keys += sides.right()
+    return keys, table, codes.labelled(names), _report(label_map, counts, sides)
+
+
+def _class_codes(label_map: RawLabels, label: np.ndarray, affine: np.ndarray, class_names: Sequence[str],
+                 image: np.ndarray | None, catalog: ClassCatalog | None) -> tuple:
+    """The checked inputs of :func:`build_targets`: class names, label, value counts, sides, class codes."""
     catalog = catalog or label_map.catalog or load_catalog()
     names = catalog.resolve(class_names)
     if len(set(names)) != len(names):
@@ -77,27 +114,18 @@ def build_targets(label_map: RawLabels, label: np.ndarray, affine: np.ndarray, c
         raise LabelMapError(f"{label_map.name}: image shape {np.shape(image)} differs from label shape "
                             f"{label.shape}")
     counts = _value_counts(label, max(label_map.labels) + 1)
-    sides = _Sides(label, affine, image)
-    codes = _ClassCodes(label_map, catalog, counts)
-    voxel_codes = codes.assign(label, sides)
-    targets = np.zeros((len(names), *label.shape), dtype=np.uint8)
-    for k, name in enumerate(names):
-        if codes.index.get(name, -1) in codes.present:
-            targets[k] = voxel_codes == codes.index[name]
-        for tumour, parent_side in codes.feeders(name):
-            inside = voxel_codes == codes.index[tumour]
-            if parent_side is not None:
-                inside &= sides.right() if parent_side == "right" else ~sides.right()
-            targets[k] |= inside
-    labelled = np.array([name in codes.index for name in names], dtype=bool)
-    report = {
+    return names, label, counts, _Sides(label, affine, image), _ClassCodes(label_map, catalog, counts)
+
+
+def _report(label_map: RawLabels, counts: np.ndarray, sides: "_Sides") -> dict:
+    """Raw values present but unmapped or unknown, and the body midline used (if any)."""
+    return {
         "unmapped_present": [{"value": v, "name": n, "voxels": int(counts[v])}
                              for v, n in label_map.unmapped if counts[v]],
         "unknown_values": [{"value": int(v), "voxels": int(counts[v])}
                            for v in np.flatnonzero(counts[1:]) + 1 if int(v) not in label_map.labels],
         "midline_x": sides.midline, "midline_from": sides.midline_from,
     }
-    return targets, labelled, report
 
 
 def label_volume_from_masks(label_map: RawLabels, folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -231,6 +259,23 @@ class _ClassCodes:
             values = label[split]
             codes[split] = np.where(sides.right()[split], self.by_side["right"][values], self.by_side["left"][values])
         return codes
+
+    def targets(self, names: Sequence[str], voxel_codes: np.ndarray, right) -> np.ndarray:
+        """Binary channels [K, *voxel_codes.shape] for ``names`` (``right()``: the voxels right of the midline)."""
+        targets = np.zeros((len(names), *voxel_codes.shape), dtype=np.uint8)
+        for k, name in enumerate(names):
+            if self.index.get(name, -1) in self.present:
+                targets[k] = voxel_codes == self.index[name]
+            for tumour, parent_side in self.feeders(name):
+                inside = voxel_codes == self.index[tumour]
+                if parent_side is not None:
+                    inside &= right() if parent_side == "right" else ~right()
+                targets[k] |= inside
+        return targets
+
+    def labelled(self, names: Sequence[str]) -> np.ndarray:
+        """Which of ``names`` the map labels (bool, [K])."""
+        return np.array([name in self.index for name in names], dtype=bool)
 
     def feeders(self, parent: str) -> list[tuple[str, str | None]]:
         """(labelled child class present in the volume, side it counts on or None) for ``parent``."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import lightning as L
@@ -19,9 +20,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
+from torchmetrics import MeanMetric
 
 from clipseg3d.catalog import ClassCatalog, load_catalog
 from clipseg3d.data.preprocess import Preprocessing
+from clipseg3d.evaluation.scoring import ClassResult
 from clipseg3d.inference.sliding_window import StreamingInferer
 from clipseg3d.models.backbones import Backbone, UNetBackbone
 from clipseg3d.models.checkpoint import CHECKPOINT_KEY
@@ -29,7 +32,14 @@ from clipseg3d.models.model import UniversalModel
 from clipseg3d.models.text_encoder import DEFAULT_TEXT_ENCODER, EmbeddingCache, embed_prompts
 from clipseg3d.training.finetune import StartingHead, check_finetune_request, prepare_finetuning
 from clipseg3d.training.losses import PartialLabelLoss
-from clipseg3d.training.metrics import ClassDice
+from clipseg3d.training.metrics import ClassDice, compute_and_reset
+from clipseg3d.training.testing import (
+    collect_evaluation,
+    gather_results,
+    metric_means,
+    score_test_scan,
+    write_test_reports,
+)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float = 0.0):
@@ -144,8 +154,10 @@ class UniversalSegmentation(L.LightningModule):
         self.loss = PartialLabelLoss(self.hparams.bce_weight, self.hparams.dice_weight)
 
     def configure_metrics(self) -> None:
-        """``class_dice``: each class's Dice over whole scans, shared by validation and test."""
+        """``class_dice``: each class's Dice over whole scans; ``eval_loss``: the mean loss of the
+        scored pairs; both shared by validation and test and synchronised across processes."""
         self.class_dice = ClassDice(len(self.class_names))
+        self.eval_loss = MeanMetric()
 
     # -- the model ----------------------------------------------------------------------------
     @property
@@ -212,7 +224,8 @@ class UniversalSegmentation(L.LightningModule):
         return current_and_start
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        """Score every labelled (scan, class) pair one class at a time; log the mean loss of those pairs."""
+        """Score every labelled (scan, class) pair one class at a time; add the mean loss of those
+        pairs to ``eval_loss`` (logged with the Dice, so that every process logs the same keys)."""
         network, count = self._network(), len(self.class_names)
         losses = []
         for image, target, labelled in zip(batch["image"], batch["target"], batch["labelled"].bool()):
@@ -224,17 +237,23 @@ class UniversalSegmentation(L.LightningModule):
             if self.starting_head is not None:
                 self.starting_head.score(volumes[count:], target, labelled)
         if losses:
-            self.log(f"{stage}/loss", torch.stack(losses).mean(), batch_size=len(batch["image"]))
+            self.eval_loss.update(torch.stack(losses).mean(), weight=len(batch["image"]))
 
     def _log_dice(self, stage: str) -> None:
+        """Log the epoch's ``<stage>/loss``, per-class Dice, their mean and the starting head's
+        drift, then start afresh. Every process calls it: the metrics synchronise (collectives in
+        the same order on every process, whatever it scored), so every process logs the same keys
+        and values; ``reduce_fx="max"`` of these equal values keeps them bit for bit."""
+        loss = compute_and_reset(self.eval_loss)
         scores = {name: score for name, score in zip(self.class_names, self.class_dice.compute()) if score is not None}
-        for name, score in scores.items():
-            self.log(f"{stage}/dice/{name}", score)
+        values = {} if torch.isnan(loss) else {f"{stage}/loss": loss}
+        values.update({f"{stage}/dice/{name}": score for name, score in scores.items()})
         if scores:
-            self.log(f"{stage}/dice_mean", torch.stack(list(scores.values())).mean(), prog_bar=True)
+            values[f"{stage}/dice_mean"] = torch.stack(list(scores.values())).mean()
         if self.starting_head is not None:
-            for key, value in self.starting_head.drift(scores).items():
-                self.log(f"{stage}/{key}", value)
+            values.update({f"{stage}/{key}": value for key, value in self.starting_head.drift(scores).items()})
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key == f"{stage}/dice_mean", sync_dist=True, reduce_fx="max")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -243,10 +262,22 @@ class UniversalSegmentation(L.LightningModule):
         self._log_dice("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        """Test scans with their truth on the scan grid (``case`` items, :mod:`clipseg3d.data.test_scans`)
+        are segmented as ``clipseg3d segment`` does and scored as ``clipseg3d evaluate`` does; other
+        batches get Dice on the model grid, as validation."""
+        if "case" not in batch:
+            self._evaluate(batch, "test")
+            return
+        for image, grid, case in zip(batch["image"], batch["grid"], batch["case"]):
+            scores = score_test_scan(self.model, self.inferer, image, grid, case)
+            self.test_results = (self.test_results or []) + scores
+            self.test_label_maps[case.label_map.name] = None
 
     def on_test_epoch_end(self) -> None:
-        self._log_dice("test")
+        if self.test_results is None:
+            self._log_dice("test")
+        else:
+            self.log_test_scores()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[list[torch.Tensor]]:
         """Per batch item, the K classes' probabilities on the input's grid: K float16 volumes."""
@@ -288,3 +319,22 @@ class UniversalSegmentation(L.LightningModule):
             meta["finetune"] = {"init_from": str(self.hparams.init_from), "mode": self.hparams.finetune,
                                 "new_classes": list(self.new_classes)}
         checkpoint[CHECKPOINT_KEY] = meta
+
+    # -- test scans on their own grid ---------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self.test_results: list[ClassResult] | None = None
+        self.test_label_maps: dict[str, None] = {}
+
+    def log_test_scores(self) -> None:
+        """Log the per-class means (``test/dice/<class>``, ``test/nsd/<class>``, ``test/hd95/<class>``,
+        ``test/tumour_sensitivity/<class>``, ...) and write ``metrics.csv``, ``summary.md`` and
+        ``metrics.png`` (``clipseg3d evaluate``'s reports) into ``<log dir>/test/``."""
+        evaluation = collect_evaluation(gather_results(self.test_results or []), list(self.test_label_maps))
+        for key, value in metric_means(evaluation).items():  # equal on every process (all results gathered)
+            self.log(f"test/{key}", value, sync_dist=True, reduce_fx="max")
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test"  # log_dir: on every process
+        if self.trainer.is_global_zero:
+            paths = write_test_reports(evaluation, folder)
+            cases = len({result.case for result in evaluation.results})
+            rank_zero_info(f"test: {cases} scans scored on their own grid; per case and class in {paths[0]}, "
+                           f"means in {paths[1]}")
