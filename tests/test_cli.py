@@ -202,13 +202,17 @@ def test_the_demo_runs_from_an_installed_package_outside_the_repository(tmp_path
 def test_a_small_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "DATASETS", {name: (2, seed, classes, required)
                                            for name, (_, seed, classes, required) in demo.DATASETS.items()})
-    monkeypatch.setattr(demo, "HELD_OUT", ("heldout", 1, 99))
+    monkeypatch.setattr(demo, "HELD_OUT", ("heldout", 1, *demo.HELD_OUT[2:]))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(demo.REAL_CASE_VARIABLE, raising=False)
     assert main(["demo", "--max-steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "fitted 2 steps" in out and "Real CT check" not in out
-    rows = [line.split(" | ")[0].removeprefix("| ") for line in out.splitlines() if line.startswith("| ")][1:]
+    dice_table, detection_table = out.split("Tumour detection")
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in dice_table.splitlines() if line.startswith("| ")][1:]
     assert rows == demo.model_classes()
+    tumours = [line.split(" | ")[0].removeprefix("| ") for line in detection_table.splitlines()
+               if line.startswith("| ")][1:]
+    assert tumours == ["liver_tumor", "kidney_tumor"] and "liver_tumor sensitivity: " in out
     case = tmp_path / "runs" / "demo" / "segmentations" / "heldout_000"
     assert (tmp_path / "runs" / "demo" / "demo.ckpt").is_file() and (case / "labels.nii.gz").is_file()
