@@ -2,9 +2,14 @@
 
 Each class of the model becomes an ellipsoid with its own intensity at a jittered position
 (tumours sit inside one of their parent organs when the parent is among the classes), so a
-network must use the class prompt to tell them apart. Training volumes come from
-``num_datasets`` "datasets" that each label an interleaved share of the classes, which is the
-partial-label setting in miniature; validation volumes label every class.
+network must use the class prompt to tell them apart. The two sides of a left/right pair (catalog
+``side`` and ``partner``) lie on their own sides of the volume's middle, the ``right`` class at
+the larger index of axis 0 (RAS x, patient right), as post-processing's side assignment expects
+(otherwise it gives the organ to its partner). Intensities are clipped to [0, 1], as the
+preprocessing's window (0, 1) clips a test scan, so training volumes and test scans look alike
+to the network. Training volumes come from ``num_datasets`` "datasets" that each label an
+interleaved share of the classes, which is the partial-label setting in miniature; validation
+volumes label every class.
 
 Test scans stand for CT scans of their own: generated at ``test_spacing`` mm over the same
 physical extent as the training volumes, with an affine, a raw label volume (value k + 1 for
@@ -42,6 +47,26 @@ def _ellipsoid(grid: np.ndarray, centre: np.ndarray, radii: np.ndarray) -> np.nd
     return (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) <= 1.0
 
 
+def _cells(entries: Sequence, placed: Sequence[int], per_axis: int) -> dict[int, np.ndarray]:
+    """The grid cell (index per axis) of each placed class. The two sides of a left/right pair go
+    first, to mirrored cells across the middle of axis 0 (RAS x, so the ``right`` side at the
+    larger index), or to the first two free cells when no mirrored pair is left; the other classes
+    take the free cells in C order."""
+    cells = [np.array(np.unravel_index(rank, (per_axis,) * 3)) for rank in range(per_axis ** 3)]
+    index = {entries[k].name: k for k in placed}
+    chosen: dict[int, int] = {}
+    for k in placed:
+        partner = index.get(entries[k].partner) if entries[k].side == "right" else None
+        if partner is None:
+            continue
+        free = [c for c in range(len(cells)) if c not in chosen.values()]
+        mirrored = [(a, b) for a in free for b in free if cells[a][0] > cells[b][0]
+                    and cells[b][0] == per_axis - 1 - cells[a][0] and (cells[a][1:] == cells[b][1:]).all()]
+        chosen[k], chosen[partner] = mirrored[0] if mirrored else sorted(free[:2], key=lambda c: -cells[c][0])
+    free = iter([c for c in range(len(cells)) if c not in chosen.values()])
+    return {k: cells[chosen[k]] if k in chosen else cells[next(free)] for k in placed}
+
+
 def synthetic_volume(class_names: Sequence[str], size: Sequence[int], rng: np.random.Generator,
                      catalog: ClassCatalog | None = None, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """An image [1, *size] in [0, 1] and targets [K, *size] (uint8; organs include their tumours)."""
@@ -52,13 +77,12 @@ def synthetic_volume(class_names: Sequence[str], size: Sequence[int], rng: np.ra
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in size], indexing="ij"))
     placed = [k for k, e in enumerate(entries) if not (e.kind == "tumour" and set(e.parents) & set(class_names))]
     per_axis = math.ceil(len(placed) ** (1 / 3))
-    cell = size / per_axis
+    cell, cells = size / per_axis, _cells(entries, placed, per_axis)
     image = np.zeros(tuple(size), np.float32)
     targets = np.zeros((len(entries), *size), np.uint8)
     shapes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for rank, k in enumerate(placed):
-        index = np.array(np.unravel_index(rank, (per_axis,) * 3))
-        centre = (index + 0.5 + rng.uniform(-0.12, 0.12, 3)) * cell
+        centre = (cells[k] + 0.5 + rng.uniform(-0.12, 0.12, 3)) * cell
         radii = rng.uniform(0.28, 0.4, 3) * cell
         targets[k] = _ellipsoid(grid, centre, radii)
         shapes[entries[k].name] = (centre, radii)
@@ -75,7 +99,7 @@ def synthetic_volume(class_names: Sequence[str], size: Sequence[int], rng: np.ra
         parent_value = image[tuple(np.round(centre).astype(int))]
         image[targets[k] > 0] = parent_value - 0.15 if parent_value > 0.35 else parent_value + 0.15
     image += rng.normal(0.0, noise, image.shape).astype(np.float32)
-    return image[None], targets
+    return np.clip(image, 0.0, 1.0, out=image)[None], targets
 
 
 class SyntheticDataset(Dataset):

@@ -8,7 +8,8 @@ tumour voxels there), else from the voxels of its value in ``labels.nii.gz``.
 The truth ``LABEL_DIR/<case>.nii.gz`` becomes one channel per class through the dataset's label
 map (:func:`clipseg3d.data.targets.build_targets`), so left/right splits and tumour -> parent
 inclusion hold as in training. The classes scored are those both predicted and labelled by the
-map; metrics are taken on the truth's own grid with its voxel spacing.
+map; metrics are taken on the truth's own grid with its voxel spacing. :func:`score_truth` is that
+scoring of masks against a raw label volume, which ``clipseg3d test`` runs on masks in memory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -173,28 +174,38 @@ def _check_grid(prediction: Prediction, shape: tuple[int, ...], affine: np.ndarr
                         f"{difference:.4g} mm")
 
 
+def score_truth(case: str, mask: Callable[[str], np.ndarray], predicted: Sequence[str], label: np.ndarray,
+                affine: np.ndarray, label_map: RawLabels, catalog: ClassCatalog, source: str,
+                detection_ml: float = DEFAULT_DETECTION_ML) -> list[ClassResult]:
+    """Score every class of ``predicted`` that ``label_map`` labels: ``mask(name)`` against the raw
+    label volume ``label`` on the grid ``affine`` (``source`` names the truth in errors)."""
+    _, _, report = build_targets(label_map, label, affine, [], catalog=catalog)
+    if report["unknown_values"]:
+        values = [item["value"] for item in report["unknown_values"]]
+        raise CaseError(f"{source}: label value(s) {values[:10]} are not in label map {label_map.name!r}")
+    spacing = voxel_spacing(affine)
+    results = []
+    for name in scored_classes(predicted, label_map):
+        entry, predicted_mask = catalog[name], mask(name)
+        truth_mask = build_targets(label_map, label, affine, [name], catalog=catalog)[0][0].astype(bool)
+        score = score_class(predicted_mask, truth_mask, spacing, nsd_tolerance(entry))
+        if entry.kind == "tumour":
+            patient = detect_patient(predicted_mask, truth_mask, spacing, detection_ml)
+            lesions = match_lesions(predicted_mask, truth_mask)
+            results.append(ClassResult(case, name, entry.kind, score, patient, lesions))
+        else:
+            results.append(ClassResult(case, name, entry.kind, score))
+    return results
+
+
 def score_case(case: str, prediction: Prediction, truth: Path, label_map: RawLabels, catalog: ClassCatalog,
                detection_ml: float = DEFAULT_DETECTION_ML) -> list[ClassResult]:
     """Score every class of ``prediction`` that ``label_map`` labels against the truth file ``truth``."""
     image = _load(truth)
     label, affine = np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
     _check_grid(prediction, label.shape, affine, truth)
-    _, _, report = build_targets(label_map, label, affine, [], catalog=catalog)
-    if report["unknown_values"]:
-        values = [item["value"] for item in report["unknown_values"]]
-        raise CaseError(f"{truth}: label value(s) {values[:10]} are not in label map {label_map.name!r}")
-    spacing = voxel_spacing(affine)
-    results = []
-    for name in scored_classes(list(prediction.classes.values()), label_map):
-        entry, predicted = catalog[name], prediction.mask(name)
-        truth_mask = build_targets(label_map, label, affine, [name], catalog=catalog)[0][0].astype(bool)
-        score = score_class(predicted, truth_mask, spacing, nsd_tolerance(entry))
-        if entry.kind == "tumour":
-            patient = detect_patient(predicted, truth_mask, spacing, detection_ml)
-            results.append(ClassResult(case, name, entry.kind, score, patient, match_lesions(predicted, truth_mask)))
-        else:
-            results.append(ClassResult(case, name, entry.kind, score))
-    return results
+    return score_truth(case, prediction.mask, list(prediction.classes.values()), label, affine, label_map, catalog,
+                       str(truth), detection_ml)
 
 
 def find_cases(seg_dir: Path) -> list[str]:

@@ -24,13 +24,10 @@ import torch
 
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.data.preprocess import ModelGrid
-from clipseg3d.data.scans import voxel_spacing
-from clipseg3d.data.targets import build_targets
 from clipseg3d.data.test_scans import TestCase
-from clipseg3d.evaluation.detection import DEFAULT_DETECTION_ML, detect_patient, match_lesions
-from clipseg3d.evaluation.metrics import nsd_tolerance, score_class
+from clipseg3d.evaluation.detection import DEFAULT_DETECTION_ML
 from clipseg3d.evaluation.report import Evaluation, write_reports
-from clipseg3d.evaluation.scoring import ClassResult, scored_classes
+from clipseg3d.evaluation.scoring import ClassResult, score_truth
 from clipseg3d.inference.pipeline import model_grid_probabilities, scan_results
 from clipseg3d.inference.postprocess import PostprocessConfig
 from clipseg3d.inference.sliding_window import StreamingInferer
@@ -45,24 +42,10 @@ SEGMENTATION_KEYS = (("dice", "dice"), ("nsd", "nsd"), ("hd95", "hd95_mm"))
 
 def score_masks(case: TestCase, masks: dict[str, np.ndarray], class_names: Sequence[str], catalog: ClassCatalog,
                 detection_ml: float = DEFAULT_DETECTION_ML) -> list[ClassResult]:
-    """The scores of every class of ``class_names`` that ``case``'s label map labels (masks on its grid)."""
-    affine = case.scan.affine
-    _, _, report = build_targets(case.label_map, case.label, affine, [], catalog=catalog)
-    if report["unknown_values"]:
-        values = [item["value"] for item in report["unknown_values"]]
-        raise ValueError(f"{case.name}: label value(s) {values[:10]} are not in label map {case.label_map.name!r}")
-    spacing = voxel_spacing(affine)
-    results = []
-    for name in scored_classes(class_names, case.label_map):
-        entry, predicted = catalog[name], masks[name]
-        truth = build_targets(case.label_map, case.label, affine, [name], catalog=catalog)[0][0].astype(bool)
-        score = score_class(predicted, truth, spacing, nsd_tolerance(entry))
-        if entry.kind == "tumour":
-            patient = detect_patient(predicted, truth, spacing, detection_ml)
-            results.append(ClassResult(case.name, name, entry.kind, score, patient, match_lesions(predicted, truth)))
-        else:
-            results.append(ClassResult(case.name, name, entry.kind, score))
-    return results
+    """The scores of every class of ``class_names`` that ``case``'s label map labels (masks on its grid),
+    as ``evaluate`` scores them (:func:`~clipseg3d.evaluation.scoring.score_truth`)."""
+    return score_truth(case.name, masks.__getitem__, class_names, case.label, case.scan.affine, case.label_map,
+                       catalog, case.name, detection_ml)
 
 
 def score_test_scan(model: UniversalModel, inferer: StreamingInferer, image: torch.Tensor, grid: ModelGrid,
