@@ -15,6 +15,12 @@ import numpy as np
 from clipseg3d.data.scans import LPS_TO_RAS, ScanError
 
 
+def same_grid(affine: np.ndarray, other: np.ndarray) -> bool:
+    """Whether two affines agree within what float32 storage in a NIfTI header keeps."""
+    tolerance = 16 * float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(affine).max()))
+    return bool(np.abs(np.asarray(affine) - np.asarray(other)).max() <= tolerance)
+
+
 def natural_key(name: str) -> list:
     """Sort key that compares the digits in ``name`` as numbers (``image_2`` before ``image_10``)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from clipseg3d.data.grids import header_grid
+from clipseg3d.data.grids import header_grid, same_grid
 from clipseg3d.data.label_readers import read_slice_masks, read_structure_masks
 from clipseg3d.data.labelmap import LabelMap
 from clipseg3d.data.preprocess import Preprocessing
@@ -39,12 +39,6 @@ class TestCase:
 
     def __repr__(self) -> str:
         return f"TestCase({self.name!r}, shape={self.scan.shape}, label_map={self.label_map.name!r})"
-
-
-def same_grid(affine: np.ndarray, other: np.ndarray) -> bool:
-    """Whether two affines agree within what float32 storage in a NIfTI header keeps."""
-    tolerance = 16 * float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(affine).max()))
-    return bool(np.abs(np.asarray(affine) - np.asarray(other)).max() <= tolerance)
 
 
 def grid_problems(records: Sequence[dict]) -> list[str]:

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from clipseg3d.catalog import ClassCatalog
+from clipseg3d.data.grids import same_grid
 from clipseg3d.data.labelmap import LabelMap
 from clipseg3d.data.scans import voxel_spacing
 from clipseg3d.data.targets import RawLabels, build_targets
@@ -43,12 +44,6 @@ TRUTH_SUFFIXES = (".nii.gz", ".nii")
 
 class CaseError(ValueError):
     """Input of one case that cannot be scored (missing file, grid mismatch, unknown label value)."""
-
-
-def same_grid(affine: np.ndarray, other: np.ndarray) -> bool:
-    """Whether two affines agree within what float32 storage in a NIfTI header keeps."""
-    tolerance = 16 * float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(affine).max()))
-    return bool(np.abs(np.asarray(affine) - np.asarray(other)).max() <= tolerance)
 
 
 @dataclass
