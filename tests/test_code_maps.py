@@ -4,36 +4,30 @@ crop centres, validation targets and Dice."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import CacheDataset, Dataset
 from monai.data.utils import set_rnd
 from monai.transforms import (
     ClassesToIndicesd,
-    Compose,
-    DeleteItemsd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    OneOf,
-    RandCropByLabelClassesd,
-    RandSpatialCropSamplesd,
-    SpatialPadd,
 )
 from PIL import Image
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from dense_targets import DenseTargetsDataModule  # noqa: E402
+
 from clipseg3d.data.code_maps import class_indices, targets_from_codes
 from clipseg3d.data.datamodule import CTDataModule
 from clipseg3d.data.labelmap import LabelMap
 from clipseg3d.data.targets import build_code_map, build_targets
-from clipseg3d.data.transforms import LabelMapToTargetsd, LoadSegmentationsd, LoadSliceMasksd
 from clipseg3d.files import load_torch_data
 from clipseg3d.models.backbones import UNetBackbone
 from clipseg3d.training.task import UniversalSegmentation
@@ -41,42 +35,6 @@ from clipseg3d.training.task import UniversalSegmentation
 CLASSES = ["spleen", "right_kidney", "left_kidney", "liver", "kidney_tumor", "liver_tumor"]
 SHAPE = (20, 12, 6)  # the last axis is padded up to the crop
 CROP = (8, 8, 8)
-
-
-class DenseTargetsDataModule(CTDataModule):
-    """The pipeline that cached K-channel uint8 targets: the reference."""
-
-    def deterministic_transforms(self, label_map):
-        p = self.preprocessing
-        return [LoadImaged(keys=["image", "label"], image_only=True, allow_missing_keys=True),
-                LoadSliceMasksd(keys=("slices",), label_map=label_map, allow_missing_keys=True),
-                LoadSegmentationsd(keys=("segmentations",), label_map=label_map, allow_missing_keys=True),
-                EnsureChannelFirstd(keys=["image", "label"]), *p.spatial_transforms("image", ("label",)),
-                LabelMapToTargetsd(keys=("label",), label_map=label_map, class_names=self.class_names,
-                                   image_key="image", target_key="target"),
-                *p.intensity_transforms("image"), *p.crop_transforms("image", ("target",)),
-                SpatialPadd(keys=["image", "target"], spatial_size=self.hparams.crop_size),
-                EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
-                EnsureTyped(keys=["target"], dtype=torch.uint8, track_meta=False)]
-
-    def random_crops(self, label_map):
-        h, keys = self.hparams, ["image", "target"]
-        by_class = RandCropByLabelClassesd(keys=keys, label_key="target", spatial_size=h.crop_size,
-                                           ratios=self.crop_ratios(label_map), num_classes=len(self.class_names),
-                                           indices_key="target_cls_indices", num_samples=h.samples_per_volume,
-                                           warn=False)
-        anywhere = RandSpatialCropSamplesd(keys=keys, roi_size=h.crop_size, num_samples=h.samples_per_volume,
-                                           random_size=False)
-        return [OneOf([by_class, anywhere], weights=[h.positive_fraction, 1.0 - h.positive_fraction]),
-                EnsureTyped(keys=keys, track_meta=False), DeleteItemsd(keys="target_cls_indices")]
-
-    def _dataset(self, records, label_map, train):
-        deterministic = self.deterministic_transforms(label_map)
-        if train:
-            deterministic.append(ClassesToIndicesd(keys="target", num_classes=len(self.class_names),
-                                                   max_samples_per_class=self.hparams.max_crop_centres))
-        base = CacheDataset(records, Compose(deterministic), progress=False)
-        return Dataset(base, Compose(self.random_crops(label_map))) if train else base
 
 
 # -- tiny cases of every label form ------------------------------------------------------------

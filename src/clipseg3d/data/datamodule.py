@@ -2,9 +2,11 @@
 
 Each manifest (JSON lines of ``image``, a label (``label``, ``segmentations`` or ``slices``), ``dataset``, ``case``;
 written by ``clipseg3d index``) is one dataset with its own label map, so each gets its own
-MONAI pipeline: load, RAS orientation, spacing, label map -> K-channel targets + ``labelled``,
-HU window -> [0, 1], foreground crop, then random crops that favour the classes the dataset
-labels (tumour classes weighted up). Datasets are mixed with a weighted sampler.
+MONAI pipeline: load, RAS orientation, spacing, label map -> one int16 class-code map + its code
+table + ``labelled`` (what the cache holds, see :mod:`clipseg3d.data.code_maps`), HU window ->
+[0, 1], foreground crop; then random crops that favour the classes the dataset labels (tumour
+classes weighted up), each crop's K-channel targets built from its codes. Datasets are mixed by a
+seeded, resumable sampler (:mod:`clipseg3d.data.sampling`).
 """
 
 from __future__ import annotations
@@ -347,25 +349,25 @@ class CTDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sets:
             return []
-        cases = ConcatDataset(self.val_sets)
         manifests = self.hparams.val_manifests or self.hparams.manifests
-        try:  # under DDP each process scores its own cases, none twice
-            sampler = unrepeated_sampler(cases, self.trainer, f"validation ({', '.join(map(str, manifests))})")
+        return self._whole_scan_loader(ConcatDataset(self.val_sets), f"validation ({', '.join(map(str, manifests))})",
+                                       list_data_collate)
+
+    def _whole_scan_loader(self, scans, what: str, collate) -> DataLoader:
+        """One scan per batch; under DDP each process gets its own scans, none twice (``what`` names
+        them in the error when there are fewer than processes)."""
+        try:
+            sampler = unrepeated_sampler(scans, self.trainer, what)
         except ValueError as err:
             raise ManifestError(str(err)) from None
-        return DataLoader(cases, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers,
-                          collate_fn=list_data_collate)
+        return DataLoader(scans, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers,
+                          collate_fn=collate)
 
     def predict_dataloader(self) -> DataLoader:
         if not self.hparams.predict_inputs:
             raise ManifestError("clipseg3d predict needs scans: --data.init_args.predict_inputs=[scan.nii.gz, ...]")
-        scans = ScanDataset(self.hparams.predict_inputs, self.preprocessing)
-        try:  # under DDP each process writes its own scans, each once
-            sampler = unrepeated_sampler(scans, self.trainer, "predict_inputs")
-        except ValueError as err:
-            raise ManifestError(str(err)) from None
-        return DataLoader(scans, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers,
-                          collate_fn=collate_scans)
+        return self._whole_scan_loader(ScanDataset(self.hparams.predict_inputs, self.preprocessing),
+                                       "predict_inputs", collate_scans)
 
     def _test_sets(self) -> list[TestScanDataset]:
         """The test scans: every case of ``test_manifests`` and, with ``splits``, each manifest's test part."""
@@ -393,10 +395,4 @@ class CTDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """Whole test scans with their truth on the scan grid, one per batch."""
-        cases = ConcatDataset(self.test_sets)
-        try:  # under DDP each process scores its own cases, none twice
-            sampler = unrepeated_sampler(cases, self.trainer, "test scans")
-        except ValueError as err:
-            raise ManifestError(str(err)) from None
-        return DataLoader(cases, batch_size=1, sampler=sampler, num_workers=self.hparams.num_workers,
-                          collate_fn=collate_test_scans)
+        return self._whole_scan_loader(ConcatDataset(self.test_sets), "test scans", collate_test_scans)
