@@ -427,7 +427,6 @@ def imported_notes(source: Path, stderr: str) -> list[str]:
         ", 32 classes); clipseg3d import-weights saves them as a checkpoint")]
 
 
-@pytest.mark.slow
 def test_segment_runs_released_weights_on_the_real_ct_and_writes_every_output(unet_release, tmp_path):
     ct = shared_data("totalseg-case") / "ct.nii.gz"
     source, _ = unet_release
