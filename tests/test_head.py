@@ -42,6 +42,28 @@ def test_chunked_head_equals_naive_reference(chunk_voxels):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
+@pytest.mark.parametrize("classes, chunk_voxels, group", [(1, 4096, 1), (7, 64, 3), (40, 7, 6), (40, 1000, 40)])
+def test_class_groups_and_chunks_equal_naive_reference(classes, chunk_voxels, group):
+    torch.manual_seed(3)
+    head = DynamicHead(decoder_channels=16, global_channels=8, text_dim=6, hidden=16, chunk_voxels=chunk_voxels)
+    decoder_map, global_feature, embeddings = torch.randn(2, 16, 7, 8, 9), torch.randn(2, 8), torch.randn(classes, 6)
+    _, step = head.inference_blocks(classes, 7 * 8 * 9)
+    head.working_set_bytes = group * 4 * head.channels * step
+    assert head.inference_blocks(classes, 7 * 8 * 9) == (group, min(chunk_voxels, 504))
+    with torch.no_grad():
+        fast = head(decoder_map, global_feature, embeddings)
+        reference = naive_head(head, decoder_map, global_feature, embeddings)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+def test_inference_blocks_keep_a_fixed_working_set():
+    head = DynamicHead(decoder_channels=16, global_channels=8, text_dim=6)
+    blocks = {classes: head.inference_blocks(classes, 96 ** 3) for classes in (32, 128, 512)}
+    assert blocks[32] == blocks[128] == blocks[512] == (32, 512)  # 8 channels: 16 KiB per class, 512 KiB per group
+    assert head.inference_blocks(5, 96 ** 3) == (5, 512)
+    assert head.inference_blocks(512, 100) == (163, 100)  # a small window: all its voxels, more classes at once
+
+
 def test_head_gradients_match_reference():
     torch.manual_seed(1)
     head = DynamicHead(decoder_channels=16, global_channels=8, text_dim=6, hidden=16, chunk_voxels=50)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from clipseg3d.catalog import CatalogError
 from clipseg3d.cli.parsing import CommandParser, command_parser, error_line
 from clipseg3d.data.scans import ScanError, ScanWarning, find_scans, read_scan, scan_stem
+from clipseg3d.files import UnsafeFileError
 from clipseg3d.inference.outputs import (
     clear_leftovers,
     partial_folder,
@@ -35,14 +36,18 @@ from clipseg3d.inference.outputs import (
 from clipseg3d.inference.pipeline import CheckpointSettings, OutputSettings, Segmenter
 from clipseg3d.inference.postprocess import PostprocessConfig
 from clipseg3d.inference.sliding_window import StreamingInferer
-from clipseg3d.models.checkpoint import CheckpointError, load_model
+from clipseg3d.models.checkpoint import CheckpointError
 from clipseg3d.models.class_matching import resolve_class_names
-from clipseg3d.models.importer import sha256_of
+from clipseg3d.models.importer import IMPORT_KEY, WeightImportError, open_model, sha256_of
+from clipseg3d.models.released import LayoutError
 
 PROG = "clipseg3d segment"
 #: The output folder name of a scan whose name gives none (``.nii.gz`` in the root folder).
 FALLBACK_NAME = "scan"
 ALREADY_DONE = "already done with this checkpoint and settings (--overwrite to redo)"
+#: ``--fast``: the finest model grid it accepts (mm) and its window overlap
+FAST_MIN_SPACING_MM = 3.0
+FAST_OVERLAP = 0.25
 
 
 class SegmentError(ValueError):
@@ -111,7 +116,10 @@ def build_parser() -> CommandParser:
                             "report.json, overlay.png. A rerun skips the scans already done with the same "
                             "checkpoint and settings.")
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="NIfTI files, folders, DICOM series")
-    parser.add_argument("--ckpt", required=True, type=Path, help="trained clipseg3d checkpoint")
+    parser.add_argument("--ckpt", required=True, type=Path, help="trained clipseg3d checkpoint, or a released "
+                        "Universal Model / SuPreM weight file (imported in memory)")
+    parser.add_argument("--text-embeddings", type=Path, help="txt_encoding.pth for a released weight file that "
+                        "has no class embeddings of its own")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (one subfolder per scan)")
     parser.add_argument("--classes", nargs="+", metavar="NAME", help="segment only these classes, as names, "
                         "aliases or plain words; null: all")
@@ -120,6 +128,9 @@ def build_parser() -> CommandParser:
     parser.add_argument("--overlap", type=float, help="window overlap in [0, 1); null: the checkpoint's")
     parser.add_argument("--sw-batch", type=int, default=1, metavar="N", help="windows per forward pass")
     parser.add_argument("--tta", action="store_true", help="average over flips (anterior-posterior, superior-inferior)")
+    parser.add_argument("--fast", action="store_true", help="a whole CT in seconds: needs a checkpoint trained on a "
+                        f"grid of {FAST_MIN_SPACING_MM:g} mm or coarser (as the demo's), windows overlap "
+                        f"{FAST_OVERLAP:g} (unless --overlap)")
     parser.add_argument("--probabilities", action="store_true", help="write probabilities/CLASS.nii.gz (uint8, "
                         "scale slope 1/255)")
     parser.add_argument("--all-masks", action="store_true", help="write masks/CLASS.nii.gz for every class "
@@ -145,17 +156,28 @@ def check_options(parser: CommandParser, args) -> None:
         parser.error("--device cuda: no CUDA device is available")
 
 
-def open_checkpoint(path: Path, device: str):
-    """The checkpoint's model and metadata; any unusable checkpoint is one :class:`SegmentError` line."""
+def open_checkpoint(path: Path, device: str, text_embeddings: Path | None = None):
+    """The checkpoint's model and metadata, a released weight file imported in memory (said in one
+    line); any unusable file is one :class:`SegmentError` line."""
     try:
-        return load_model(path, map_location=device)
-    except CheckpointError as err:
+        model, meta, imported = open_model(path, text_embeddings, map_location=device)
+    except (CheckpointError, WeightImportError, UnsafeFileError) as err:
         raise SegmentError(str(err)) from err
+    except LayoutError as err:
+        raise SegmentError(f"{path}: neither a clipseg3d checkpoint nor released Universal Model / SuPreM "
+                           f"weights ({err})") from err
     except KeyError as err:
         key = err.args[0] if err.args else "?"
         detail = key if isinstance(key, str) and " " in key else f"its metadata lacks the key {key!r}"
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
         detail = f"{type(err).__name__}: {err}"
+    else:
+        if imported:
+            record = meta[IMPORT_KEY]
+            print(f"note: {path}: released weights imported in memory ({record['arch']}, {record['layout']}, "
+                  f"{len(meta['classes'])} classes); clipseg3d import-weights saves them as a checkpoint",
+                  file=sys.stderr)
+        return model, meta
     raise SegmentError(f"{path}: not a usable clipseg3d checkpoint ({detail}); give a checkpoint written by "
                        "clipseg3d (clipseg3d info CKPT describes one)")
 
@@ -176,7 +198,7 @@ def chosen_classes(model, names: Sequence[str] | None) -> list[str]:
 def load_segmenter(args) -> Segmenter:
     """The model and run settings from parsed arguments; raises :class:`SegmentError` on bad options."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = open_checkpoint(args.ckpt, device)
+    model, meta = open_checkpoint(args.ckpt, device, args.text_embeddings)
     class_names = chosen_classes(model, args.classes)
     recorded = CheckpointSettings.from_dict(meta.get("preprocessing"))
     roi_size = tuple(args.roi or recorded.roi_size)
@@ -184,8 +206,13 @@ def load_segmenter(args) -> Segmenter:
     if any(size < 1 or size % multiple for size in roi_size):
         raise SegmentError(f"--roi {' '.join(map(str, roi_size))}: the {model.backbone.registry_name} backbone "
                            f"needs window sizes that are positive multiples of {multiple}")
-    overlap = float(args.overlap if args.overlap is not None else recorded.overlap)
+    overlap = float(args.overlap if args.overlap is not None else FAST_OVERLAP if args.fast else recorded.overlap)
     preprocessing = recorded.preprocessing
+    if args.fast and (preprocessing.spacing is None or min(preprocessing.spacing) < FAST_MIN_SPACING_MM):
+        grid = "the scan's own grid" if preprocessing.spacing is None else \
+            f"{'x'.join(f'{size:g}' for size in preprocessing.spacing)} mm"
+        raise SegmentError(f"--fast: {args.ckpt} was trained on {grid}; --fast needs a checkpoint trained on a grid "
+                           f"of {FAST_MIN_SPACING_MM:g} mm or coarser (segment without --fast)")
     settings = OutputSettings(postprocess=PostprocessConfig(default_threshold=args.threshold),
                               all_masks=args.all_masks, probabilities=args.probabilities,
                               dicom_seg=args.dicom_seg, overlay=not args.no_overlay,

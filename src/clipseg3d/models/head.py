@@ -18,12 +18,20 @@ matrix products may round differently when the batch changes, hence the separate
 The dynamic convolutions are batched over images and classes and run over the voxels in chunks
 with fused ``baddbmm`` + in-place ReLU, so the K x channels x voxels intermediates stay small
 (a whole-window einsum streams them through memory several times and is several times slower).
+At inference the classes also run in groups: a fixed working set per pass whatever the class
+count, so the time grows linearly with it (one pass over all classes outgrows the caches).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+# Inference runs the dynamic convolutions over class groups x voxel chunks of a fixed size, so the
+# time grows linearly with the class count: one class's channels x voxels block (float32) stays
+# within a core's L1 data cache, one group's blocks within its L2 cache.
+CLASS_BLOCK_BYTES = 16 << 10
+WORKING_SET_BYTES = 512 << 10
 
 
 class ClassAdapter(nn.Module):
@@ -60,7 +68,7 @@ class DynamicHead(nn.Module):
 
     def __init__(self, decoder_channels: int, global_channels: int, text_dim: int, hidden: int = 256,
                  channels: int = 8, layers: int = 3, chunk_voxels: int = 4096, train_chunk_voxels: int = 32768,
-                 adapters: int = 0, adapter_rank: int = 4):
+                 adapters: int = 0, adapter_rank: int = 4, working_set_bytes: int = WORKING_SET_BYTES):
         super().__init__()
         if layers < 1:
             raise ValueError("the dynamic head needs at least one layer")
@@ -68,6 +76,7 @@ class DynamicHead(nn.Module):
         self.channels = channels
         self.chunk_voxels = chunk_voxels
         self.train_chunk_voxels = train_chunk_voxels
+        self.working_set_bytes = working_set_bytes
         widths = [channels] * layers + [1]
         self.layer_shapes = list(zip(widths[1:], widths[:-1]))  # (out, in) per dynamic layer
         self.num_params = sum(out * inp + out for out, inp in self.layer_shapes)
@@ -129,37 +138,57 @@ class DynamicHead(nn.Module):
             layers.append((weight, bias))
         return layers
 
+    def inference_blocks(self, classes: int, voxels: int) -> tuple[int, int]:
+        """(classes per group, voxels per chunk) of an inference pass: chunks of at most
+        ``chunk_voxels`` voxels whose one-class block fits ``CLASS_BLOCK_BYTES``, and as many classes
+        as keep the group's float32 intermediates within ``working_set_bytes``."""
+        step = max(1, min(self.chunk_voxels, CLASS_BLOCK_BYTES // (4 * self.channels), voxels))
+        return max(1, min(self.working_set_bytes // (4 * self.channels * step), classes)), step
+
     def apply_dynamic(self, features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Run the dynamic convolutions: features [B, C, *S], params [B, K, P] -> logits [B, K, *S]."""
         batch, classes = params.shape[:2]
         spatial = features.shape[2:]
         flat = features.reshape(batch, self.channels, -1)
         voxels = flat.shape[-1]
-        (w_first, b_first), *rest = self.split_parameters(params)
-        # First layer shares each image's features across classes: one [K*out, in] matmul per image.
+        layers = self.split_parameters(params)
+        if torch.is_grad_enabled():
+            # Every intermediate is kept for backward anyway, so chunks are larger (fewer allocations)
+            # and concatenated (slice assignment would make each chunk's backward copy the whole gradient).
+            step = self.train_chunk_voxels
+            chunks = [self._dynamic_chunk(flat[:, :, start:start + step], layers, batch, classes)
+                      for start in range(0, voxels, step)]
+            return torch.cat(chunks, dim=-1).reshape(batch, classes, *spatial)
+        # Without autograd: class groups x voxel chunks sized so the intermediates stay in cache
+        # (one working set, whatever the class count, so the time grows linearly with it).
+        group, step = self.inference_blocks(classes, voxels)
+        logits = flat.new_empty((batch, classes, voxels))
+        per_class = [(weight.reshape(batch, classes, *weight.shape[1:]), bias.reshape(batch, classes, *bias.shape[1:]))
+                     for weight, bias in layers]
+        for first in range(0, classes, group):
+            count = min(group, classes - first)
+            group_layers = [(weight[:, first:first + count].reshape(batch * count, *weight.shape[2:]),
+                             bias[:, first:first + count].reshape(batch * count, *bias.shape[2:]))
+                            for weight, bias in per_class]
+            for start in range(0, voxels, step):
+                chunk = flat[:, :, start:start + step]
+                logits[:, first:first + count, start:start + chunk.shape[-1]] = self._dynamic_chunk(
+                    chunk, group_layers, batch, count)
+        return logits.reshape(batch, classes, *spatial)
+
+    def _dynamic_chunk(self, chunk: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], batch: int,
+                       classes: int) -> torch.Tensor:
+        """Logits [B, K, n] of a feature chunk [B, C, n] under per-(image, class) layers ([B*K, out, in], [B*K, out, 1])."""
+        (w_first, b_first), *rest = layers
+        # The first layer shares each image's features across classes: one [K*out, in] matmul per image.
         w_first = w_first.reshape(batch, classes * w_first.shape[1], self.channels)
         b_first = b_first.reshape(batch, classes * b_first.shape[1], 1)
-        # Without autograd, small chunks land in one preallocated output. With it, every
-        # intermediate is kept for backward anyway, so chunks are larger (fewer allocations) and
-        # concatenated (slice assignment would make each chunk's backward copy the whole gradient).
-        training = torch.is_grad_enabled()
-        step = self.train_chunk_voxels if training else self.chunk_voxels
-        logits = None if training else flat.new_empty((batch, classes, voxels))
-        chunks = []
-        for start in range(0, voxels, step):
-            chunk = flat[:, :, start:start + step]
-            hidden = torch.baddbmm(b_first, w_first, chunk)
-            hidden = hidden.reshape(batch * classes, -1, chunk.shape[-1])
-            for weight, bias in rest:
-                hidden = torch.relu_(hidden)
-                hidden = torch.baddbmm(bias, weight, hidden)
-            if logits is None:
-                chunks.append(hidden.reshape(batch, classes, -1))
-            else:
-                logits[:, :, start:start + chunk.shape[-1]] = hidden.reshape(batch, classes, -1)
-        if logits is None:
-            logits = torch.cat(chunks, dim=-1)
-        return logits.reshape(batch, classes, *spatial)
+        hidden = torch.baddbmm(b_first, w_first, chunk)
+        hidden = hidden.reshape(batch * classes, -1, chunk.shape[-1])
+        for weight, bias in rest:
+            hidden = torch.relu_(hidden)
+            hidden = torch.baddbmm(bias, weight, hidden)
+        return hidden.reshape(batch, classes, -1)
 
     def forward(self, decoder_map: torch.Tensor, global_feature: torch.Tensor, class_embeddings: torch.Tensor,
                 adapter_slots: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,238 @@
+"""Speed of ``clipseg3d segment`` on a CPU, one means at a time, with Dice against the reference path.
+
+A reference U-Net of the demo's size (16..256, the 32 built-in classes) is fitted on the demo's
+phantoms at 1.5 mm for a fixed seed and step count, and a coarse one at 5 mm (the demo's grid, for
+``--fast``); both are cached under ``--cache`` so reruns skip the fits. A phantom CT of 512 x 512 x
+300 voxels at 0.8 x 0.8 x 1.5 mm (``--quick``: 256 x 256 x 150 at the same voxel size) is segmented
+once per row, each in its own process (seconds of the whole segment, peak RSS). Each row's label
+map is compared with the reference row's: per-class Dice over the classes either one labels.
+
+Run ``python benchmarks/segment_speed.py [--quick] [--rows NAME ...] [--threads N]``; prints a
+markdown table and the load average at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache" / "segment_speed"
+SCANS = {"full": (512, 512, 300), "quick": (256, 256, 150)}
+VOXEL_MM = (0.8, 0.8, 1.5)
+#: name -> (what changed, checkpoint, segment options, inferer attributes)
+ROWS = {
+    "reference": ("reference: float32, overlap 0.5, one window per pass", "fine", [], {}),
+    "overlap": ("overlap 0.25", "fine", ["--overlap", "0.25"], {}),
+    "batch": ("4 windows per pass", "fine", ["--sw-batch", "4"], {}),
+    "channels_last": ("channels-last windows", "fine", [], {"channels_last": True}),
+    "bfloat16": ("bfloat16 autocast", "fine", [], {"bfloat16": True}),
+    "fast": ("`--fast` (overlap 0.25; a checkpoint of 3 mm or coarser)", "coarse", ["--fast"], {}),
+}
+#: checkpoint name -> (spacing mm, crop size, fit steps)
+CHECKPOINTS = {"fine": (1.5, (64, 64, 64), 300), "coarse": (5.0, (64, 64, 48), 300)}
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def builtin_classes() -> list[str]:
+    from clipseg3d.catalog import ClassCatalog
+
+    return [entry.name for entry in ClassCatalog.builtin()]
+
+
+def fitted_checkpoint(name: str, cache: Path, steps: int | None, seed: int) -> Path:
+    """The cached checkpoint ``name`` (fitted on the demo's phantoms when missing)."""
+    from clipseg3d.cli import demo
+
+    spacing, crop, default_steps = CHECKPOINTS[name]
+    steps = steps or default_steps
+    path = cache / f"unet_{spacing:g}mm_{steps}steps_seed{seed}.ckpt"
+    if path.exists():
+        return path
+    phantoms = cache / "phantoms"
+    manifests = sorted(phantoms.glob("*.jsonl"))
+    if not manifests:
+        manifests, _ = demo.write_phantoms(phantoms)
+    run = cache / f"fit_{name}"
+    overrides = [f"--seed_everything={seed}", f"--trainer.max_steps={steps}",
+                 f"--model.classes=[{','.join(builtin_classes())}]",
+                 f"--data.init_args.spacing=[{spacing},{spacing},{spacing}]",
+                 f"--data.init_args.crop_size=[{','.join(map(str, crop))}]"]
+    checkpoint = demo.fit(run, manifests, overrides)
+    shutil.move(checkpoint, path)
+    return path
+
+
+def write_ct(cache: Path, shape: tuple[int, int, int], seed: int = 7) -> Path:
+    """A phantom CT of ``shape`` voxels at :data:`VOXEL_MM` (cached)."""
+    from clipseg3d.phantom import write_dataset
+    from clipseg3d.phantom.datasets import Site
+
+    name = f"ct_{'x'.join(map(str, shape))}"
+    folder = cache / name
+    images = sorted((folder / "imagesTr").glob("*.nii.gz")) if folder.exists() else []
+    if not images:
+        site = Site(name, spacing=VOXEL_MM, fov_mm=tuple(n * mm for n, mm in zip(shape, VOXEL_MM)))
+        write_dataset(folder, 1, seed, site=site, name="ct")
+        images = sorted((folder / "imagesTr").glob("*.nii.gz"))
+    return images[0]
+
+
+# -- one row, in its own process -----------------------------------------------------------------
+def run_row(row: str, scan: Path, checkpoint: Path, out: Path) -> dict:
+    """Segment ``scan`` the way ``row`` says; seconds of the whole segment and peak RSS."""
+    from clipseg3d.cli import segment
+
+    _, _, options, attributes = ROWS[row]
+    args = segment.build_parser().parse_args([str(scan), "--ckpt", str(checkpoint), "-o", str(out), "--device", "cpu",
+                                              "--no-overlay", "--overwrite", *options])
+    start = time.perf_counter()
+    segmenter = segment.load_segmenter(args)
+    segmenter.inferer.progress = False
+    for key, value in attributes.items():
+        setattr(segmenter.inferer, key, value)
+    done, _, failed = segment.run_scans(segmenter, [scan], args)
+    if failed or not done:
+        raise SystemExit(f"{row}: segment failed")
+    return {"seconds": time.perf_counter() - start,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}
+
+
+def measure(row: str, scan: Path, checkpoint: Path, out: Path, threads: int) -> dict:
+    command = [sys.executable, __file__, "--child", row, "--scan", str(scan), "--ckpt", str(checkpoint),
+               "--out", str(out), "--threads", str(threads)]
+    process = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    if process.returncode or not lines:
+        return {"error": (process.stderr.strip().splitlines() or [f"exit code {process.returncode}"])[-1]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# -- Dice against the reference row -------------------------------------------------------------
+def label_masks(folder: Path) -> dict[str, np.ndarray]:
+    """Each class's voxels in a segment output's label map."""
+    labels = np.asarray(nib.load(folder / "labels.nii.gz").dataobj)
+    table = json.loads((folder / "classes.json").read_text())
+    return {name: labels == int(value) for value, name in table.items()}
+
+
+def dice_by_class(masks: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-class Dice over the classes either side labels (1.0 where both leave one empty)."""
+    scores = {}
+    for name in sorted(set(masks) | set(reference)):
+        ours, theirs = masks.get(name), reference.get(name)
+        ours_count = int(ours.sum()) if ours is not None else 0
+        theirs_count = int(theirs.sum()) if theirs is not None else 0
+        both = int(np.logical_and(ours, theirs).sum()) if ours is not None and theirs is not None else 0
+        scores[name] = 1.0 if ours_count + theirs_count == 0 else 2.0 * both / (ours_count + theirs_count)
+    return scores
+
+
+def dice_cell(scores: dict[str, float] | None) -> str:
+    if scores is None:
+        return ""
+    worst = min(scores, key=scores.get)
+    return f"{np.mean(list(scores.values())):.3f} (lowest {worst} {scores[worst]:.3f})"
+
+
+def window_means(size: int = 96, repeats: int = 2) -> None:
+    """One forward of the demo U-Net + 32-class head per window: float32, channels-last, bfloat16
+    autocast, 2 windows per pass; interleaved, best of ``repeats``."""
+    import torch
+
+    from clipseg3d.models.backbones import UNetBackbone
+    from clipseg3d.models.head import DynamicHead
+
+    torch.manual_seed(0)
+    backbone = UNetBackbone(num_res_units=1).eval()
+    head = DynamicHead(backbone.out_channels, backbone.global_channels, 384).eval()
+    embeddings = torch.randn(32, 384)
+
+    def network(windows: torch.Tensor) -> torch.Tensor:
+        return head(*backbone(windows), embeddings)
+
+    one, two = torch.rand(1, 1, size, size, size), torch.rand(2, 1, size, size, size)
+    means = {"float32 (reference)": (lambda: network(one), 1),
+             "channels-last windows": (lambda: network(one.contiguous(memory_format=torch.channels_last_3d)), 1),
+             "bfloat16 autocast": (lambda: torch.autocast("cpu", dtype=torch.bfloat16)(network)(one), 1),
+             "2 windows per pass (per window)": (lambda: network(two), 2)}
+    times: dict[str, float] = {name: float("inf") for name in means}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, (run, windows) in means.items():
+                start = time.perf_counter()
+                run()
+                times[name] = min(times[name], (time.perf_counter() - start) / windows)
+    print("| means | s per window | vs float32 |\n|---|---|---|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds:.2f} | {seconds / times['float32 (reference)']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="256 x 256 x 150 voxels instead of 512 x 512 x 300")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--steps", type=int, help="fit steps of both checkpoints (default: 300)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=["per-row", *CHECKPOINTS], default="per-row",
+                        help="one checkpoint for every row (its own reference path) instead of each row's")
+    parser.add_argument("--cache", type=Path, default=CACHE, help=f"checkpoints and phantoms (default {CACHE})")
+    parser.add_argument("--windows", action="store_true", help="only the per-window comparison of the means")
+    parser.add_argument("--child", choices=list(ROWS), help=argparse.SUPPRESS)
+    for hidden in ("--scan", "--ckpt", "--out"):
+        parser.add_argument(hidden, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print("RESULT " + json.dumps(run_row(args.child, args.scan, args.ckpt, args.out)))
+        return
+    started_load = load_average()
+    if args.windows:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        window_means()
+        print(f"\nload average at start {started_load}, at end {load_average()}")
+        return
+    args.cache.mkdir(parents=True, exist_ok=True)
+    scan = write_ct(args.cache, SCANS["quick" if args.quick else "full"])
+    rows = ["reference"] + [row for row in args.rows if row != "reference"]
+    chosen = {row: ROWS[row][1] if args.model == "per-row" else args.model for row in rows}
+    checkpoints = {name: fitted_checkpoint(name, args.cache, args.steps, args.seed) for name in sorted(set(chosen.values()))}
+    print(f"scan {scan.name}, {args.threads} threads, checkpoints {sorted(set(chosen.values()))}; load average at "
+          f"start {started_load}\n")
+    print("| what changed | time (s) | peak RSS (GB) | Dice vs reference: mean over classes (lowest) |\n|---|---|---|---|")
+    reference = None
+    for row in rows:
+        out = args.cache / "outputs" / row
+        result = measure(row, scan, checkpoints[chosen[row]], out, args.threads)
+        masks = label_masks(next(out.iterdir())) if "error" not in result else None
+        reference = masks if reference is None else reference
+        scores = dice_by_class(masks, reference) if masks is not None and reference is not None else None
+        if scores is not None:
+            (out.parent / f"{row}_dice.json").write_text(json.dumps(scores, indent=1) + "\n")
+        time_cell = f"failed: {result['error']}" if "error" in result else f"{result['seconds']:.1f}"
+        rss = f"{result['peak_rss_gb']:.2f}" if "peak_rss_gb" in result else ""
+        print(f"| {ROWS[row][0]} | {time_cell} | {rss} | {dice_cell(scores)} |", flush=True)
+    print(f"\nload average at end {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``segment``'s speed options against its float32 reference path, and ``--fast``'s checkpoint rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipseg3d.cli.segment import FAST_OVERLAP, SegmentError, build_parser, load_segmenter, main
+from clipseg3d.data.preprocess import Preprocessing
+from clipseg3d.data.scans import read_scan
+from test_inference_paths import CLASSES, MODEL_SPACING_MM, random_task, save_checkpoint, write_tiny_scan
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# float16 accumulators through a sigmoid (see test_inference_paths)
+PROBABILITY_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("speed")
+    scan = write_tiny_scan(folder)["image"]
+    task = random_task()
+    fine = save_checkpoint(task, Preprocessing(MODEL_SPACING_MM), folder / "fine.ckpt")
+    coarse = save_checkpoint(task, Preprocessing((3.0, 3.0, 4.0)), folder / "coarse.ckpt")
+    return {"scan": scan, "fine": fine, "coarse": coarse, "out": folder / "out"}
+
+
+def probabilities(case: dict[str, Path], options=(), checkpoint: str = "fine", **inferer) -> list[torch.Tensor]:
+    args = build_parser().parse_args([str(case["scan"]), "--ckpt", str(case[checkpoint]), "-o", str(case["out"]),
+                                      "--device", "cpu", *options])
+    segmenter = load_segmenter(args)
+    for key, value in inferer.items():
+        setattr(segmenter.inferer, key, value)
+    return [channel.float() for channel in segmenter.probabilities(read_scan(case["scan"]))[0]]
+
+
+def dice(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float(2 * (ours & theirs).sum() / (ours.sum() + theirs.sum()))
+
+
+@pytest.fixture(scope="module")
+def reference(case) -> list[torch.Tensor]:
+    maps = probabilities(case)
+    for name, channel in zip(CLASSES, maps):
+        assert float(channel.max() - channel.min()) > 0.05, f"{name}: a flat map would prove nothing"
+    return maps
+
+
+def masks(maps: list[torch.Tensor], reference: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each class's mask at the reference map's median (random weights: a 0.5 threshold may mask all)."""
+    return [channel >= theirs.median() for channel, theirs in zip(maps, reference)]
+
+
+@pytest.mark.parametrize("options, inferer", [(["--sw-batch", "3"], {}), ([], {"channels_last": True})])
+def test_float32_speed_paths_give_the_reference_probabilities(case, reference, options, inferer):
+    for name, ours, theirs in zip(CLASSES, probabilities(case, options, **inferer), reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=PROBABILITY_TOLERANCE, msg=name)
+
+
+def test_bfloat16_masks_agree_with_the_reference(case, reference):
+    ours = probabilities(case, bfloat16=True)
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, reference)) > 1e-4  # bfloat16 did run
+    for name, mask, theirs in zip(CLASSES, masks(ours, reference), masks(reference, reference)):
+        assert dice(mask, theirs) >= 0.99, name
+
+
+def test_fast_needs_a_coarse_checkpoint_and_lowers_the_overlap(case, capsys):
+    def segmenter(*options: str, checkpoint: str = "coarse"):
+        return load_segmenter(build_parser().parse_args([str(case["scan"]), "--ckpt", str(case[checkpoint]), "-o",
+                                                         str(case["out"]), *options]))
+
+    assert segmenter("--fast").inferer.overlap == FAST_OVERLAP
+    assert segmenter("--fast", "--overlap", "0.5").inferer.overlap == 0.5
+    assert segmenter().inferer.overlap == 0.5  # the checkpoint's
+    with pytest.raises(SegmentError, match=r"trained on 1\.5x1\.5x1\.5 mm; --fast needs .* 3 mm or coarser"):
+        segmenter("--fast", checkpoint="fine")
+    assert main([str(case["scan"]), "--ckpt", str(case["fine"]), "-o", str(case["out"]), "--fast"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(case["fine"]) in lines[0] and not case["out"].exists()
