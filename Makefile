@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench bench-claims clean
 
 $(BIN)/clipseg3d: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/segment_memory.py --quick
+	$(BIN)/python benchmarks/segment_speed.py --quick
+
+# the paper's claims measured on phantoms (at most 60 min on 2 idle cores) -> BENCHMARKS.md
+bench-claims: install
+	$(BIN)/python benchmarks/claims
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
