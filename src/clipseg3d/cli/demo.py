@@ -158,7 +158,7 @@ def fit(out: Path, manifests: list[Path], overrides: list[str]) -> Path:
     started = time.time()
     cli.trainer.fit(cli.model, cli.datamodule)
     checkpoint = out / "demo.ckpt"
-    cli.trainer.save_checkpoint(checkpoint)
+    cli.trainer.save_checkpoint(checkpoint, weights_only=False)
     print(f"fitted {cli.trainer.global_step} steps in {time.time() - started:.0f} s -> {checkpoint}")
     return checkpoint
 
