@@ -20,6 +20,7 @@ from clipseg3d.phantom import write_dataset
 
 
 def best_of(fn, repeats: int = 3) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn``, in seconds."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

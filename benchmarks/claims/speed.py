@@ -17,12 +17,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run import best_of  # noqa: E402
 
 from claims.config import FULL, OVERLAP, QUICK, TEXT_DIM, Budget  # noqa: E402
 from claims.models import PlainConvNet, make_backbone  # noqa: E402
@@ -31,16 +33,6 @@ from clipseg3d.models.head import DynamicHead  # noqa: E402
 
 HEAD_CLASSES = (32, 128, 512)
 WINDOW_METHODS = ("streaming", "monai")
-
-
-def best_of(run: Callable[[], object], repeats: int) -> float:
-    """The shortest of ``repeats`` timed calls, in seconds."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 @torch.no_grad()
