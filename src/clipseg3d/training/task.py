@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 
 from clipseg3d.catalog import ClassCatalog, load_catalog
 from clipseg3d.data.preprocess import Preprocessing
+from clipseg3d.evaluation.report import write_reports
 from clipseg3d.evaluation.scoring import ClassResult
 from clipseg3d.inference.sliding_window import StreamingInferer
 from clipseg3d.models.backbones import Backbone, UNetBackbone
@@ -38,7 +39,6 @@ from clipseg3d.training.testing import (
     gather_results,
     metric_means,
     score_test_scan,
-    write_test_reports,
 )
 
 
@@ -268,9 +268,10 @@ class UniversalSegmentation(L.LightningModule):
         if "case" not in batch:
             self._evaluate(batch, "test")
             return
+        if self.test_results is None:
+            self.test_results = []
         for image, grid, case in zip(batch["image"], batch["grid"], batch["case"]):
-            scores = score_test_scan(self.model, self.inferer, image, grid, case)
-            self.test_results = (self.test_results or []) + scores
+            self.test_results += score_test_scan(self.model, self.inferer, image, grid, case)
             self.test_label_maps[case.label_map.name] = None
 
     def on_test_epoch_end(self) -> None:
@@ -329,12 +330,12 @@ class UniversalSegmentation(L.LightningModule):
         """Log the per-class means (``test/dice/<class>``, ``test/nsd/<class>``, ``test/hd95/<class>``,
         ``test/tumour_sensitivity/<class>``, ...) and write ``metrics.csv``, ``summary.md`` and
         ``metrics.png`` (``clipseg3d evaluate``'s reports) into ``<log dir>/test/``."""
-        evaluation = collect_evaluation(gather_results(self.test_results or []), list(self.test_label_maps))
+        evaluation = collect_evaluation(gather_results(self.test_results), list(self.test_label_maps))
         for key, value in metric_means(evaluation).items():  # equal on every process (all results gathered)
             self.log(f"test/{key}", value, sync_dist=True, reduce_fx="max")
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test"  # log_dir: on every process
         if self.trainer.is_global_zero:
-            paths = write_test_reports(evaluation, folder)
+            paths = write_reports(evaluation, folder)
             cases = len({result.case for result in evaluation.results})
             rank_zero_info(f"test: {cases} scans scored on their own grid; per case and class in {paths[0]}, "
                            f"means in {paths[1]}")

@@ -16,7 +16,6 @@ from both in every case gets no mean (the per-case table says ``absent``).
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +25,7 @@ from clipseg3d.catalog import ClassCatalog
 from clipseg3d.data.preprocess import ModelGrid
 from clipseg3d.data.test_scans import TestCase
 from clipseg3d.evaluation.detection import DEFAULT_DETECTION_ML
-from clipseg3d.evaluation.report import Evaluation, write_reports
+from clipseg3d.evaluation.report import Evaluation
 from clipseg3d.evaluation.scoring import ClassResult, score_truth
 from clipseg3d.inference.pipeline import model_grid_probabilities, scan_results
 from clipseg3d.inference.postprocess import PostprocessConfig
@@ -96,8 +95,3 @@ def collect_evaluation(results: Sequence[ClassResult], label_maps: Sequence[str]
     """The :class:`Evaluation` of the test results (the form ``evaluate`` reports)."""
     return Evaluation(results=list(results), label_map=", ".join(dict.fromkeys(label_maps)),
                       detection_ml=detection_ml)
-
-
-def write_test_reports(evaluation: Evaluation, folder: str | Path) -> list[Path]:
-    """``metrics.csv`` (one row per case and class, ``evaluate``'s columns), ``summary.md``, ``metrics.png``."""
-    return write_reports(evaluation, Path(folder))
