@@ -219,3 +219,32 @@ def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
     assert factor(7) == 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * 0.5))
     assert factor(11) == factor(50) == pytest.approx(0.1, rel=1e-15)
     assert all(factor(step) > factor(step + 1) for step in range(3, 11))
+
+
+def test_a_training_step_runs_the_head_on_labelled_classes_only_with_the_full_heads_loss_and_gradients():
+    torch.manual_seed(0)
+    task = UniversalSegmentation(classes=OLD + [NEW], backbone=small_backbone(), head_hidden=32, roi_size=ROI)
+    task.log = lambda *args, **kwargs: None
+    image = torch.randn(3, 1, *ROI)
+    target = (torch.rand(3, 4, *ROI) > 0.7).to(torch.uint8)
+    labelled = torch.tensor([[True, False, True, False], [False, False, False, False], [False, True, True, True]])
+    batch = {"image": image, "target": target, "labelled": labelled}
+    head_classes = []
+    hook = task.model.head.register_forward_hook(lambda module, args, out: head_classes.append(out.shape[:2]))
+
+    def loss_and_gradients(step):
+        task.zero_grad()
+        loss = step()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in task.model.head.named_parameters()}
+
+    fast = loss_and_gradients(lambda: task.training_step(batch, 0))
+    assert head_classes == [(1, 2), (1, 3)]  # sample 1 labels nothing: no head pass for it
+    full = loss_and_gradients(lambda: task.loss(task.model(image), target, labelled))
+    hook.remove()
+    torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=0)
+    for name, gradient in full[1].items():
+        scale = gradient.abs().max().item()
+        assert scale > 0, name
+        # float32 sums over ~10^4 voxels in either order: a few hundred ulps of the largest entry
+        torch.testing.assert_close(fast[1][name], gradient, rtol=0, atol=1e-4 * scale, msg=name)

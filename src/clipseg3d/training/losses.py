@@ -32,6 +32,9 @@ class PartialLabelLoss(nn.Module):
         pairs = labelled.bool()
         if not pairs.any():
             return logits.sum() * 0.0
-        chosen = logits.flatten(2)[pairs].float()[:, None]
-        truth = target.flatten(2)[pairs].to(chosen.dtype)[:, None]
-        return self.dice_ce(chosen, truth)
+        return self.of_pairs(logits[pairs], target[pairs])
+
+    def of_pairs(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of P labelled pairs given directly: ``logits`` and ``target`` [P, *S]."""
+        chosen = logits.flatten(1).float()[:, None]
+        return self.dice_ce(chosen, target.flatten(1).to(chosen.dtype)[:, None])
