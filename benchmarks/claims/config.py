@@ -44,7 +44,7 @@ class Budget:
     window_classes: int = 32
 
 
-FULL = Budget(cases_per_dataset=8, heldout_per_site=2, universal_steps=1200, transfer_steps=150)
+FULL = Budget(cases_per_dataset=8, heldout_per_site=2, universal_steps=2000, transfer_steps=150)
 QUICK = Budget(cases_per_dataset=2, heldout_per_site=1, universal_steps=8, transfer_steps=2, channels=(8, 16, 32),
                strides=(2, 2), out_channels=8, crop=(32, 32, 32), warmup_steps=1, head_window=64, swin_feature=12,
                timing_repeats=1, window_scan=(96, 96, 60))

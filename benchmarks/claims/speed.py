@@ -117,7 +117,7 @@ def step_vs_backbone(task, data, repeats: int) -> dict[str, float]:
         next(iterator)
         times["loader_s"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        task.loss(task.model(batch["image"]), batch["target"], batch["labelled"]).backward()
+        task.partial_label_loss(*task.model.backbone(batch["image"]), batch["target"], batch["labelled"]).backward()
         torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
