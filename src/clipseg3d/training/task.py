@@ -186,36 +186,41 @@ class UniversalSegmentation(L.LightningModule):
     # -- training on crops --------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         decoder_map, global_feature = self.model.backbone(batch["image"])
-        labelled = batch["labelled"].bool()
-        if self.starting_head is None and not self.model.adapted_classes and labelled.any():
-            loss = self.loss.of_pairs(self.labelled_logits(decoder_map, global_feature, labelled),
-                                      batch["target"][labelled])
-            self.log("train/loss", loss, prog_bar=True, batch_size=labelled.shape[0])
+        batch_size = batch["image"].shape[0]
+        if self.starting_head is None:
+            loss = self.partial_label_loss(decoder_map, global_feature, batch["target"], batch["labelled"])
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             return loss
         logits = self.model.head(decoder_map, global_feature, *self.model.class_inputs())
-        loss = self.loss(logits, batch["target"], labelled)
-        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
-        if self.starting_head is not None and self.starting_head.keep_weight > 0:
+        loss = self.loss(logits, batch["target"], batch["labelled"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if self.starting_head.keep_weight > 0:
             start = self.starting_head(decoder_map, global_feature)
             keep = self.starting_head.keep_loss(logits, start, batch["labelled"])
-            self.log("train/keep_old_loss", keep, batch_size=logits.shape[0])
+            self.log("train/keep_old_loss", keep, batch_size=batch_size)
             loss = loss + self.starting_head.keep_weight * keep
         return loss
 
-    def labelled_logits(self, decoder_map: torch.Tensor, global_feature: torch.Tensor,
-                        labelled: torch.Tensor) -> torch.Tensor:
-        """Logits [P, *S] of the P labelled (sample, class) pairs of ``labelled`` [B, K], in its
-        row-major order. The head runs each sample over the classes its dataset labels only: the
-        loss leaves the others out, so computing them would cost time for a zero gradient (with
-        partially labelled datasets, most of the head's work)."""
+    def partial_label_loss(self, decoder_map: torch.Tensor, global_feature: torch.Tensor, target: torch.Tensor,
+                           labelled: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch's labelled (sample, class) pairs (``labelled`` [B, K]).
+
+        Without class adapters the head runs each sample over the classes its dataset labels only:
+        the loss leaves the others out, so computing them would cost time for a zero gradient (with
+        partially labelled datasets, most of the head's work). With adapters it runs over all
+        classes, so every adapter takes part in every step (as distributed training expects).
+        """
+        labelled = labelled.bool()
+        if self.model.adapted_classes or not labelled.any():
+            return self.loss(self.model.head(decoder_map, global_feature, *self.model.class_inputs()), target, labelled)
         embeddings, slots = self.model.class_inputs()
-        parts = []
+        logits = []
         for sample, classes in enumerate(labelled):
             rows = classes.nonzero().flatten()
             if rows.numel():
-                parts.append(self.model.head(decoder_map[sample:sample + 1], global_feature[sample:sample + 1],
-                                             embeddings[rows], slots[rows])[0])
-        return torch.cat(parts)
+                logits.append(self.model.head(decoder_map[sample:sample + 1], global_feature[sample:sample + 1],
+                                              embeddings[rows], slots[rows])[0])
+        return self.loss.of_pairs(torch.cat(logits), target[labelled])
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr,
