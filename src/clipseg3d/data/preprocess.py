@@ -60,16 +60,41 @@ class ModelGrid:
 
         Points beyond the model grid take the nearest edge value (MONAI's border padding).
         """
+        return self.to_scan_box(volume, tuple(slice(0, size) for size in self.shape))[0]
+
+    def to_scan_box(self, volume: torch.Tensor, model_box: tuple[slice, ...]
+                    ) -> tuple[torch.Tensor, tuple[slice, ...]]:
+        """:meth:`to_scan` of the scan voxels whose value reads a voxel of ``model_box`` (slices of
+        the model grid), and their box on the scan grid. Every other scan voxel interpolates
+        model voxels outside ``model_box`` only, so when the box holds every voxel above a
+        threshold, nothing outside the returned box is above it (a convex combination of values
+        below it). The values are bit for bit those :meth:`to_scan` gives there; the cost is that
+        of the box (an organ's box is a few percent of a whole CT).
+        """
         if tuple(volume.shape) != tuple(self.shape):
             raise ValueError(f"volume of shape {tuple(volume.shape)} is not on the model grid {self.shape}")
         result = volume.float()
+        scan_box: list[slice] = [slice(0, 0)] * 3
         scan_axes = []
         for model_axis, (scan_axis, scale, offset) in enumerate(self.axis_mapping()):
             indices = torch.arange(self.scan_shape[scan_axis], dtype=torch.float64, device=result.device)
             positions = scale * indices + offset
-            result = _interpolate_axis(result, model_axis, positions)
+            low, _, _ = _corners(positions, self.shape[model_axis])
+            piece = model_box[model_axis]
+            reads = ((low >= piece.start - 1) & (low < piece.stop)).nonzero().flatten()  # contiguous: low is monotonic
+            first, stop = (int(reads[0]), int(reads[-1]) + 1) if reads.numel() else (0, 0)
+            scan_box[scan_axis] = slice(first, stop)
+            result = _interpolate_axis(result, model_axis, positions[first:stop])
             scan_axes.append(scan_axis)
-        return result.permute([scan_axes.index(axis) for axis in range(3)]).contiguous()
+        return result.permute([scan_axes.index(axis) for axis in range(3)]).contiguous(), tuple(scan_box)
+
+
+def _corners(positions: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per fractional position along an axis of ``size`` voxels (clamped to its edges): the lower
+    and upper voxel it reads and the upper one's weight."""
+    positions = positions.clamp(0, size - 1)
+    low = positions.floor().long().clamp(max=max(size - 2, 0))
+    return low, (low + 1).clamp(max=size - 1), positions - low
 
 
 def _interpolate_axis(volume: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -77,14 +102,11 @@ def _interpolate_axis(volume: torch.Tensor, dim: int, positions: torch.Tensor) -
     size = volume.shape[dim]
     if len(positions) == size and torch.equal(positions, torch.arange(size).to(positions)):
         return volume
-    positions = positions.clamp(0, size - 1)
-    low = positions.floor().long().clamp(max=max(size - 2, 0))
-    high = (low + 1).clamp(max=size - 1)
+    low, high, weight = _corners(positions, size)
     shape = [1] * volume.ndim
     shape[dim] = -1
-    weight = (positions - low).to(volume.dtype).reshape(shape)
     result = volume.index_select(dim, low)
-    return result.lerp_(volume.index_select(dim, high), weight)
+    return result.lerp_(volume.index_select(dim, high), weight.to(volume.dtype).reshape(shape))
 
 
 # -- the preprocessing ---------------------------------------------------------------------------

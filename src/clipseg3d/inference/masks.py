@@ -1,7 +1,9 @@
 """From model-grid class probabilities to masks on the scan grid.
 
 The probabilities are turned into masks one class at a time (:func:`scan_masks`): each is moved
-to the scan grid, thresholded to a bool mask at once and freed. Only tumour classes keep a
+to the scan grid on the box of scan voxels near its model voxels above threshold (an organ's box
+is a few percent of a CT, so this costs a few percent of moving whole volumes), thresholded to a
+bool mask at once and freed. Only tumour classes keep a
 probability volume on the scan grid, as uint8 0..255 (for the lesions' peak probability in the
 report). So memory grows with the class count through float16 model-grid probabilities and bool
 scan-grid masks only.
@@ -22,7 +24,7 @@ import torch
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.data.preprocess import ModelGrid
 from clipseg3d.inference.outputs import as_uint8
-from clipseg3d.inference.postprocess import PostprocessConfig, class_depth
+from clipseg3d.inference.postprocess import PostprocessConfig, bounding_box, class_depth
 
 
 def nested_classes(class_names: Sequence[str], catalog: ClassCatalog) -> list[str]:
@@ -44,24 +46,26 @@ def hidden_classes(masks: dict[str, np.ndarray], label_map: np.ndarray, class_na
 
 class DepthArgmax:
     """Makes classes of the same depth mutually exclusive: a voxel claimed by several goes to the
-    most probable one. Classes are fed one at a time; memory is 3 bytes per voxel and depth."""
+    most probable one. Classes are fed one at a time, each as its box of the scan grid; memory is
+    3 bytes per voxel and depth."""
 
     def __init__(self, shape: tuple[int, ...], num_classes: int):
         self.shape = shape
         self.owner_dtype = np.uint8 if num_classes < 255 else np.uint16
         self.levels: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
 
-    def add(self, label: int, level: int, probability: torch.Tensor, mask: np.ndarray) -> None:
+    def add(self, label: int, level: int, probability: torch.Tensor, mask: np.ndarray, box: tuple[slice, ...]) -> None:
+        """Class ``label`` of depth ``level``: its ``probability`` and ``mask`` over ``box``."""
         if level not in self.levels:
             self.levels[level] = (torch.zeros(self.shape, dtype=torch.float16), np.zeros(self.shape, self.owner_dtype))
-        best, owner = self.levels[level]
+        best, owner = (volume[box] for volume in self.levels[level])
         wins = torch.from_numpy(mask) & (probability > best)
         best[wins] = probability[wins].half()
         owner[wins.numpy()] = label
 
-    def keep(self, label: int, level: int, mask: np.ndarray) -> np.ndarray:
-        """``mask`` restricted to the voxels where ``label`` won its depth."""
-        return mask & (self.levels[level][1] == label)
+    def keep(self, label: int, level: int, mask: np.ndarray, box: tuple[slice, ...]) -> None:
+        """Restrict ``mask`` (the scan grid's; nothing outside ``box``) to the voxels where ``label`` won its depth."""
+        mask[box] &= self.levels[level][1][box] == label
 
 
 def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: Sequence[str],
@@ -71,22 +75,39 @@ def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: 
     """Thresholded masks on the scan grid, same-depth classes made exclusive (see module docstring).
 
     Returns the masks and, per class, the uint8 (0..255) scan-grid probabilities of tumour classes
-    (``None`` for the others). ``probabilities`` (model grid) is consumed one class at a time;
-    ``save_probability(name, probability)`` sees each class's scan-grid probabilities.
+    (``None`` for the others; 0 where the class is below its threshold on the whole neighbourhood,
+    as only the masks' voxels are read). ``probabilities`` (model grid) is consumed one class at a
+    time. Each class is moved to the scan grid on the box of scan voxels that read a model voxel
+    above its threshold (:meth:`~clipseg3d.data.preprocess.ModelGrid.to_scan_box`), unless
+    ``save_probability(name, probability)`` is given: it sees each class's whole scan-grid volume.
     """
     levels = {name: class_depth(name, catalog) for name in class_names}
     exclusive = DepthArgmax(grid.scan_shape, len(class_names))
     masks: dict[str, np.ndarray] = {}
+    boxes: dict[str, tuple[slice, ...]] = {}
     tumour_probabilities: list[np.ndarray | None] = []
     for index, name in enumerate(class_names):
-        on_scan = grid.to_scan(probabilities[index]).cpu()
-        probabilities[index] = None
-        masks[name] = (on_scan >= config.thresholds.get(name, config.default_threshold)).numpy()
-        exclusive.add(index + 1, levels[name], on_scan, masks[name])
+        probability, probabilities[index] = probabilities[index], None
+        limit = config.thresholds.get(name, config.default_threshold)
         if save_probability is not None:
+            on_scan = grid.to_scan(probability).cpu()
             save_probability(name, on_scan)
-        tumour_probabilities.append(as_uint8(on_scan) if catalog[name].kind == "tumour" else None)
-        del on_scan
+            box = tuple(slice(0, size) for size in grid.scan_shape)
+        else:
+            model_box = bounding_box((probability.float() >= limit).cpu().numpy())
+            on_scan, box = (grid.to_scan_box(probability, model_box) if model_box is not None
+                            else (torch.zeros((0, 0, 0)), (slice(0, 0),) * 3))
+            on_scan = on_scan.cpu()
+        masks[name] = np.zeros(grid.scan_shape, dtype=bool)
+        masks[name][box] = (on_scan >= limit).numpy()
+        boxes[name] = box
+        exclusive.add(index + 1, levels[name], on_scan, masks[name][box], box)
+        if catalog[name].kind == "tumour":
+            tumour_probabilities.append(np.zeros(grid.scan_shape, dtype=np.uint8))
+            tumour_probabilities[-1][box] = as_uint8(on_scan)
+        else:
+            tumour_probabilities.append(None)
+        del on_scan, probability
     for index, name in enumerate(class_names):
-        masks[name] = exclusive.keep(index + 1, levels[name], masks[name])
+        exclusive.keep(index + 1, levels[name], masks[name], boxes[name])
     return masks, tumour_probabilities
