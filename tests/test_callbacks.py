@@ -8,7 +8,7 @@ import wandb
 import yaml
 from PIL import Image
 
-from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.lightning_cli import lightning_main
 from clipseg3d.inference.overlay import class_colour
 from clipseg3d.training.callbacks import (
     GAP_PX,

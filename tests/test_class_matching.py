@@ -6,7 +6,8 @@ import pytest
 
 from clipseg3d.catalog import CatalogError, ClassCatalog, ClassEntry
 from clipseg3d.cli import classes
-from clipseg3d.cli.main import lightning_main, main
+from clipseg3d.cli.lightning_cli import lightning_main
+from clipseg3d.cli.main import main
 from clipseg3d.models import class_matching, text_encoder
 from clipseg3d.models.class_matching import (
     MIN_MARGIN,

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from clipseg3d.cli import demo
-from clipseg3d.cli.main import TOOLS, lightning_main, main
+from clipseg3d.cli.lightning_cli import lightning_main
+from clipseg3d.cli.main import TOOLS, main
 
 from conftest import REPO
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.lightning_cli import lightning_main
 from clipseg3d.cli.segment import main as segment_main
 
 from conftest import REPO

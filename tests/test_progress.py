@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.lightning_cli import lightning_main
 from clipseg3d.training.progress import TimeEstimate
 
 from conftest import REPO

@@ -17,7 +17,7 @@ from monai.transforms import Compose, Orientation, Spacing
 from PIL import Image
 
 from clipseg3d.catalog import ClassCatalog
-from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.lightning_cli import lightning_main
 from clipseg3d.cli.segment import main, output_names
 from clipseg3d.data.datamodule import FOREGROUND_MARGIN, CTDataModule
 from clipseg3d.data.preprocess import ModelGrid, Preprocessing

@@ -8,7 +8,7 @@ import sweeps
 import torch
 import yaml
 
-from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.lightning_cli import lightning_main
 from clipseg3d.cli.main import main as clipseg3d_main
 from clipseg3d.cli.sweep import (
     ARGS_TOKEN,

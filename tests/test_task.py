@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.lightning_cli import lightning_main
 from clipseg3d.data.synthetic import SyntheticDataModule, SyntheticDataset
 from clipseg3d.models.backbones import UNetBackbone
 from clipseg3d.models.checkpoint import CHECKPOINT_KEY, load_model

@@ -22,7 +22,7 @@ from jsonargparse.typing import PositiveInt
 
 from clipseg3d.catalog import load_catalog
 from clipseg3d.cli import segment
-from clipseg3d.cli.main import lightning_main
+from clipseg3d.cli.lightning_cli import lightning_main
 from clipseg3d.cli.parsing import CommandParser, command_parser
 from clipseg3d.data.index import index_dataset, write_manifest
 from clipseg3d.data.labelmap import LabelMap

@@ -1,4 +1,5 @@
-"""The parser every ``clipseg3d`` tool is built on, and the one-line ``error:`` format they share.
+"""The parser every ``clipseg3d`` tool is built on, the one-line ``error:`` format they share, and
+the library notices every command silences.
 
 A tool's parser is a jsonargparse :class:`~jsonargparse.ArgumentParser` (positional inputs,
 ``nargs`` lists, ``store_true`` flags and typed options as in argparse, plus ``--config FILE``
@@ -9,7 +10,9 @@ in the same format by :func:`fail`, with exit status 1.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from typing import NoReturn
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
@@ -54,3 +57,9 @@ def command_parser(tool: str, description: str, epilog: str | None = None,
         parser.add_argument("--config", action=ActionConfigFile,
                             help="a YAML file of these options (keys as --print_config writes them)")
     return parser
+
+
+def quiet_gpu_decoder_notices() -> None:
+    """Silence MONAI's notice, repeated for every image loader, that the GPU DICOM decoder is absent."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")

@@ -37,7 +37,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.loggers import WandbLogger
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from clipseg3d.cli.main import UniversalCLI, lightning_main
+from clipseg3d.cli.lightning_cli import UniversalCLI, lightning_main
 from clipseg3d.cli.parsing import CommandParser, command_parser, fail
 
 with warnings.catch_warnings():  # the engine's pydantic models use the v1 configuration style
