@@ -42,7 +42,11 @@ def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path | str, 
         out_header.set_data_dtype(dtype)
     except nib.spatialimages.HeaderDataError as err:
         raise ScanError(f"{path}: NIfTI cannot store {np.dtype(dtype)} data (use uint8, int16, float32, ...)") from err
-    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=float), out_header)
+    data = np.asarray(array)
+    data = data.view(np.uint8) if data.dtype == bool and np.dtype(dtype) == np.uint8 else data.astype(dtype, copy=False)
+    # NIfTI stores the first axis fastest: from Fortran order nibabel writes without transposing
+    # slice by slice (0.4 s instead of 1.0 s for a 512x512x300 mask)
+    image = nib.Nifti1Image(np.asfortranarray(data), np.asarray(affine, dtype=float), out_header)
     qform_code = int(header["qform_code"]) if header is not None and int(header["qform_code"]) > 0 else 1
     sform_code = int(header["sform_code"]) if header is not None and int(header["sform_code"]) > 0 else 1
     image.set_qform(affine, code=qform_code)
