@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clipseg3d.data.scans import ScanError, find_scans, read_scan
-from clipseg3d.inference.outputs import write_dicom_seg, write_nifti_atomic
+from clipseg3d.inference.outputs import fortran_order, write_dicom_seg, write_nifti_atomic
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CT = DATA / "totalseg-case" / "ct.nii.gz"
@@ -176,3 +176,18 @@ def test_dicom_seg_needs_a_dicom_scan(tmp_path):
     scan = read_scan(CT)
     with pytest.raises(ScanError, match="needs a DICOM input"):
         write_dicom_seg({"x": np.ones(scan.shape, bool)}, scan, tmp_path / "seg.dcm")
+
+
+def test_arrays_go_to_fortran_order_by_their_nonzero_box_and_read_back_equal(tmp_path):
+    rng = np.random.default_rng(0)
+    mask = np.zeros((40, 30, 20), bool)
+    mask[5:17, 3:9, 11:19] = rng.random((12, 6, 8)) > 0.3
+    labels = (mask * rng.integers(1, 9, mask.shape)).astype(np.int16)
+    for array, dtype in ((mask, np.uint8), (labels, np.int16), (labels, np.uint8), (np.zeros_like(mask), np.uint8)):
+        ordered = fortran_order(array, dtype)
+        assert ordered.flags.f_contiguous and ordered.dtype == dtype
+        np.testing.assert_array_equal(ordered, array.astype(dtype))
+        path = write_nifti_atomic(array, np.eye(4), tmp_path / "out.nii.gz", dtype=dtype)
+        np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), array.astype(dtype))
+    already = np.asfortranarray(labels)
+    assert fortran_order(already, np.int16) is already
