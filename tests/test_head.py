@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import clipseg3d.models.head as head_module
 from clipseg3d.models.head import DynamicHead
 
 
@@ -107,3 +108,35 @@ def test_adapter_slots_route_each_class_through_its_own_adapter():
         assert (logits[:, k] - swapped[:, k]).abs().max() > 1e-2  # and which adapter matters
     with pytest.raises(ValueError, match="adapter slots"):
         head(decoder_map, global_feature, embeddings, torch.tensor([2, -1, -1, -1]))
+
+
+def fused_case(classes: int, seed: int = 5):
+    torch.manual_seed(seed)
+    head = DynamicHead(decoder_channels=16, global_channels=32, text_dim=24, hidden=64).eval()
+    return head, torch.randn(2, 16, 9, 10, 11), torch.randn(2, 32), torch.randn(classes, 24)
+
+
+@pytest.mark.parametrize("classes", [5, 40])  # one padded class group; two, the second padded
+def test_the_fused_layers_pad_groups_and_chunks_and_equal_naive_reference(classes, monkeypatch):
+    # the kernel's arithmetic and padding, run eagerly (compiling it is the slow test below); 990
+    # voxels in chunks of 512: the second chunk padded
+    monkeypatch.setattr(head_module, "compiled", lambda function: function)
+    monkeypatch.setattr(head_module, "FUSED_VOXELS", 512)
+    head, decoder_map, global_feature, embeddings = fused_case(classes)
+    head.fused = True
+    with torch.no_grad():
+        fused = head(decoder_map, global_feature, embeddings)
+        reference = naive_head(head, decoder_map, global_feature, embeddings)
+    assert fused.shape == (2, classes, 9, 10, 11)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+@pytest.mark.slow  # compiles the kernel (tens of seconds on 2 cores)
+@pytest.mark.parametrize("classes", [5, 40])
+def test_the_compiled_head_equals_naive_reference(classes):
+    head, decoder_map, global_feature, embeddings = fused_case(classes)
+    head.fused = True
+    with torch.no_grad():
+        fused = head(decoder_map, global_feature, embeddings)
+        reference = naive_head(head, decoder_map, global_feature, embeddings)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())

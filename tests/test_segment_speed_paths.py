@@ -79,3 +79,9 @@ def test_fast_needs_a_coarse_checkpoint_and_lowers_the_overlap(case, capsys):
     assert main([str(case["scan"]), "--ckpt", str(case["fine"]), "-o", str(case["out"]), "--fast"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(case["fine"]) in lines[0] and not case["out"].exists()
+
+
+@pytest.mark.slow  # compiles the fused head kernel (tens of seconds on 2 cores)
+def test_the_compiled_head_gives_the_reference_probabilities(case, reference):
+    for name, ours, theirs in zip(CLASSES, probabilities(case, ["--compile"]), reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=PROBABILITY_TOLERANCE, msg=name)

@@ -20,9 +20,18 @@ with fused ``baddbmm`` + in-place ReLU, so the K x channels x voxels intermediat
 (a whole-window einsum streams them through memory several times and is several times slower).
 At inference the classes also run in groups: a fixed working set per pass whatever the class
 count, so the time grows linearly with it (one pass over all classes outgrows the caches).
+
+With ``fused`` set (inference only, e.g. ``clipseg3d segment --compile``) the layers run as one
+``torch.compile``-d kernel (:func:`fused_dynamic_layers`): every layer's multiply-adds for a voxel
+in registers, no intermediate volume in memory. It compiles once per process (seconds; Inductor
+caches the code on disk for later processes) for fixed class-group and chunk sizes, so any class
+count and window size reuse it; on a CPU it runs the head about 3x faster.
 """
 
 from __future__ import annotations
+
+from functools import cache
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,6 +41,33 @@ from torch import nn
 # within a core's L1 data cache, one group's blocks within its L2 cache.
 CLASS_BLOCK_BYTES = 16 << 10
 WORKING_SET_BYTES = 512 << 10
+# The fused kernel's fixed shapes: classes per group (a last, smaller group is padded) and voxels
+# per chunk (a last, shorter chunk is padded).
+FUSED_CLASSES = 32
+FUSED_VOXELS = 32768
+
+
+def fused_dynamic_layers(features: torch.Tensor, *layers: torch.Tensor) -> torch.Tensor:
+    """Logits [G, n] of G classes on one image's features [C, n]; ``layers`` are weights [G, out, in]
+    and biases [G, out, 1] in turn. Written as one multiply-add per weight on whole rows, so that
+    ``torch.compile`` fuses all layers into one loop over the voxels."""
+    hidden = list(features)
+    pairs = list(zip(layers[::2], layers[1::2]))
+    for depth, (weight, bias) in enumerate(pairs):
+        rows = []
+        for out in range(weight.shape[1]):
+            row = bias[:, out]
+            for inp, value in enumerate(hidden):
+                row = row + weight[:, out, inp, None] * value
+            rows.append(torch.relu(row) if depth < len(pairs) - 1 else row)
+        hidden = rows
+    return hidden[0]
+
+
+@cache
+def compiled(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``function`` compiled (static shapes), once per process."""
+    return torch.compile(function, dynamic=False, fullgraph=True)
 
 
 class ClassAdapter(nn.Module):
@@ -77,6 +113,7 @@ class DynamicHead(nn.Module):
         self.chunk_voxels = chunk_voxels
         self.train_chunk_voxels = train_chunk_voxels
         self.working_set_bytes = working_set_bytes
+        self.fused = False  # inference through the compiled kernel (see the module docstring)
         widths = [channels] * layers + [1]
         self.layer_shapes = list(zip(widths[1:], widths[:-1]))  # (out, in) per dynamic layer
         self.num_params = sum(out * inp + out for out, inp in self.layer_shapes)
@@ -159,6 +196,8 @@ class DynamicHead(nn.Module):
             chunks = [self._dynamic_chunk(flat[:, :, start:start + step], layers, batch, classes)
                       for start in range(0, voxels, step)]
             return torch.cat(chunks, dim=-1).reshape(batch, classes, *spatial)
+        if self.fused:
+            return self._apply_fused(flat, layers, batch, classes).reshape(batch, classes, *spatial)
         # Without autograd: class groups x voxel chunks sized so the intermediates stay in cache
         # (one working set, whatever the class count, so the time grows linearly with it).
         group, step = self.inference_blocks(classes, voxels)
@@ -175,6 +214,30 @@ class DynamicHead(nn.Module):
                 logits[:, first:first + count, start:start + chunk.shape[-1]] = self._dynamic_chunk(
                     chunk, group_layers, batch, count)
         return logits.reshape(batch, classes, *spatial)
+
+    def _apply_fused(self, flat: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], batch: int,
+                     classes: int) -> torch.Tensor:
+        """Logits [B, K, n] of features [B, C, n] through the compiled kernel, padded to its fixed
+        class-group and chunk sizes."""
+        kernel = compiled(fused_dynamic_layers)
+        voxels = flat.shape[-1]
+        groups = -(-classes // FUSED_CLASSES)
+        padded = []  # per layer [B, groups * G, ...], zero weights for the padding classes
+        for tensor in (part for layer in layers for part in layer):
+            tensor = tensor.reshape(batch, classes, *tensor.shape[1:])
+            padding = tensor.new_zeros((batch, groups * FUSED_CLASSES - classes, *tensor.shape[2:]))
+            padded.append(torch.cat([tensor, padding], dim=1))
+        logits = flat.new_empty((batch, groups * FUSED_CLASSES, voxels))
+        for image in range(batch):
+            for first in range(0, groups * FUSED_CLASSES, FUSED_CLASSES):
+                group = [tensor[image, first:first + FUSED_CLASSES] for tensor in padded]
+                for start in range(0, voxels, FUSED_VOXELS):
+                    chunk = flat[image, :, start:start + FUSED_VOXELS]
+                    count = chunk.shape[-1]
+                    if count < FUSED_VOXELS:
+                        chunk = torch.nn.functional.pad(chunk, (0, FUSED_VOXELS - count))
+                    logits[image, first:first + FUSED_CLASSES, start:start + count] = kernel(chunk, *group)[:, :count]
+        return logits[:, :classes]
 
     def _dynamic_chunk(self, chunk: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], batch: int,
                        classes: int) -> torch.Tensor:
