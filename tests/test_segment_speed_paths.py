@@ -53,14 +53,14 @@ def masks(maps: list[torch.Tensor], reference: list[torch.Tensor]) -> list[torch
     return [channel >= theirs.median() for channel, theirs in zip(maps, reference)]
 
 
-@pytest.mark.parametrize("options, inferer", [(["--sw-batch", "3"], {}), ([], {"channels_last": True})])
+@pytest.mark.parametrize("options, inferer", [(["--sw-batch", "3"], {}), (["--channels-last"], {})])
 def test_float32_speed_paths_give_the_reference_probabilities(case, reference, options, inferer):
     for name, ours, theirs in zip(CLASSES, probabilities(case, options, **inferer), reference):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=PROBABILITY_TOLERANCE, msg=name)
 
 
 def test_bfloat16_masks_agree_with_the_reference(case, reference):
-    ours = probabilities(case, bfloat16=True)
+    ours = probabilities(case, ["--bfloat16"])
     assert max(float((a - b).abs().max()) for a, b in zip(ours, reference)) > 1e-4  # bfloat16 did run
     for name, mask, theirs in zip(CLASSES, masks(ours, reference), masks(reference, reference)):
         assert dice(mask, theirs) >= 0.99, name

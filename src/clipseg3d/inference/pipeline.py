@@ -161,6 +161,7 @@ class Segmenter:
                              "hu_window": list(self.preprocessing.hu_window),
                              "roi_size": list(self.inferer.roi_size), "overlap": self.inferer.overlap,
                              "tta": self.inferer.tta, "threshold": settings.postprocess.default_threshold,
+                             **({"bfloat16": True} if self.inferer.bfloat16 else {}),  # changes the masks
                              "outputs": {"all_masks": settings.all_masks, "probabilities": settings.probabilities,
                                          "dicom_seg": settings.dicom_seg, "overlay": settings.overlay}}}
 
