@@ -29,40 +29,61 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
+BACKBONES = {"unet": lambda swin_feature: UNetBackbone(num_res_units=1),  # the demo's U-Net
+             "swinunetr": lambda swin_feature: SwinUNETRBackbone(feature_size=swin_feature)}
+
+
 @torch.no_grad()
-def head_vs_backbone(size: int = 96, class_counts: tuple[int, ...] = (32, 128, 512),
-                     backbones: tuple[str, ...] = ("unet", "swinunetr"), one_pass: bool = False) -> None:
-    """Forward time of each backbone and of the dynamic head at each class count, on one window."""
-    print("| backbone | classes | head | backbone forward (s) | head forward (s) | head / backbone | head ms per class |"
-          "\n|---|---|---|---|---|---|---|")
+def head_rows(size: int = 96, class_counts: tuple[int, ...] = (32, 128, 512),
+              backbones: tuple[str, ...] = ("unet", "swinunetr"), variants: tuple[str, ...] = ("class groups",),
+              repeats: int = 3, swin_feature: int = 48, text_dim: int = 512) -> list[dict]:
+    """Forward seconds of each backbone and of the dynamic head at each class count on one
+    ``size``-cubed window, per head variant: ``class groups`` (the default inference path),
+    ``one pass`` (all classes at once) and ``compiled`` (the fused kernel, compiled first)."""
     image = torch.rand(1, 1, size, size, size)
-    made = {"unet": lambda: UNetBackbone(num_res_units=1), "swinunetr": lambda: SwinUNETRBackbone(feature_size=48)}
-    for backbone in (made[name]() for name in backbones):  # the U-Net: the demo's
+    rows = []
+    for backbone in (BACKBONES[name](swin_feature) for name in backbones):
         backbone.eval()
         decoder_map, global_feature = backbone(image)
         backbone_s = float("inf")
-        head = DynamicHead(backbone.out_channels, backbone.global_channels, 512).eval()
+        head = DynamicHead(backbone.out_channels, backbone.global_channels, text_dim).eval()
+        heads = {name: head_variant(head, name) for name in variants}
         for classes in class_counts:
             # the backbone is timed again beside each head: on a shared machine the load changes meanwhile
             backbone_s = min(backbone_s, best_of(lambda: backbone(image), repeats=1))
-            embeddings = torch.randn(classes, 512)
-            heads = {"class groups": head}
-            if one_pass:
-                heads["one pass"] = one_pass_head(head)
+            embeddings = torch.randn(classes, text_dim)
+            for each in heads.values():  # warm-up (the compiled head compiles here)
+                each(decoder_map, global_feature, embeddings)
             times = {name: best_of(lambda: each(decoder_map, global_feature, embeddings),
-                                   repeats=3 if classes < 512 else 1) for name, each in heads.items()}
+                                   repeats=repeats if classes < 512 else 1) for name, each in heads.items()}
             backbone_s = min(backbone_s, best_of(lambda: backbone(image), repeats=1))
-            for name, head_s in times.items():
-                print(f"| {backbone.registry_name} | {classes} | {name} | {backbone_s:.2f} | {head_s:.2f} | "
-                      f"{head_s / backbone_s:.2f} | {1000 * head_s / classes:.1f} |", flush=True)
+            rows += [{"backbone": backbone.registry_name, "classes": classes, "head": name, "backbone_s": backbone_s,
+                      "head_s": head_s} for name, head_s in times.items()]
+    return rows
 
 
-def one_pass_head(head: DynamicHead, chunk_voxels: int = 4096) -> DynamicHead:
-    """A copy of ``head`` that runs all classes in one pass over 4,096-voxel chunks (the working set
-    grows with the class count), for comparison."""
+def head_variant(head: DynamicHead, name: str, chunk_voxels: int = 4096) -> DynamicHead:
+    """``head`` itself (``class groups``), or a copy that runs all classes in one pass over
+    4,096-voxel chunks (``one pass``: the working set grows with the class count), or a copy that
+    runs the compiled kernel (``compiled``)."""
+    if name == "class groups":
+        return head
     other = copy.deepcopy(head)
-    other.inference_blocks = lambda classes, voxels: (classes, min(chunk_voxels, voxels))
+    if name == "one pass":
+        other.inference_blocks = lambda classes, voxels: (classes, min(chunk_voxels, voxels))
+    elif name == "compiled":
+        other.fused = True
+    else:
+        raise ValueError(f"unknown head variant {name!r}")
     return other
+
+
+def print_head_rows(rows: list[dict]) -> None:
+    print("| backbone | classes | head | backbone forward (s) | head forward (s) | head / backbone | head ms per class |"
+          "\n|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['backbone']} | {row['classes']} | {row['head']} | {row['backbone_s']:.2f} | {row['head_s']:.2f} | "
+              f"{row['head_s'] / row['backbone_s']:.2f} | {1000 * row['head_s'] / row['classes']:.1f} |")
 
 
 def phantom_speed(cases: int = 20) -> None:
@@ -77,12 +98,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--head-only", action="store_true", help="skip the phantom generation row")
-    parser.add_argument("--one-pass", action="store_true", help="also time the head with all classes in one pass")
+    parser.add_argument("--heads", nargs="+", default=["class groups", "compiled"],
+                        choices=["class groups", "one pass", "compiled"], help="head variants to time")
     parser.add_argument("--backbones", nargs="+", default=["unet", "swinunetr"], choices=["unet", "swinunetr"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}\n")
-    head_vs_backbone(backbones=tuple(args.backbones), one_pass=args.one_pass)
+    print_head_rows(head_rows(backbones=tuple(args.backbones), variants=tuple(args.heads)))
     if not args.head_only:
         phantom_speed()

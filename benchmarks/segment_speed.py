@@ -30,15 +30,20 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "segment_speed"
 SCANS = {"full": (512, 512, 300), "quick": (256, 256, 150)}
 VOXEL_MM = (0.8, 0.8, 1.5)
-#: name -> (what changed, checkpoint, segment options, inferer attributes)
+#: name -> (what changed, checkpoint, segment options)
 ROWS = {
-    "reference": ("reference: float32, overlap 0.5, one window per pass", "fine", [], {}),
-    "overlap": ("overlap 0.25", "fine", ["--overlap", "0.25"], {}),
-    "batch": ("4 windows per pass", "fine", ["--sw-batch", "4"], {}),
-    "channels_last": ("channels-last windows", "fine", [], {"channels_last": True}),
-    "bfloat16": ("bfloat16 autocast", "fine", [], {"bfloat16": True}),
-    "fast": ("`--fast` (overlap 0.25; a checkpoint of 3 mm or coarser)", "coarse", ["--fast"], {}),
+    "reference": ("reference: float32, overlap 0.5, one window per pass", "fine", []),
+    "overlap": ("overlap 0.25", "fine", ["--overlap", "0.25"]),
+    "batch": ("4 windows per pass", "fine", ["--sw-batch", "4"]),
+    "channels_last": ("channels-last windows (`--channels-last`)", "fine", ["--channels-last"]),
+    "bfloat16": ("bfloat16 autocast (`--bfloat16`)", "fine", ["--bfloat16"]),
+    "compile": ("compiled head (`--compile`)", "fine", ["--compile"]),
+    "combined": ("overlap 0.25, channels-last, bfloat16, compiled head", "fine",
+                 ["--overlap", "0.25", "--channels-last", "--bfloat16", "--compile"]),
+    "fast": ("`--fast` (overlap 0.25; a checkpoint of 3 mm or coarser)", "coarse", ["--fast"]),
 }
+#: the rows run by default (4 windows per pass gained nothing on a CPU: see BENCHMARKS.md)
+DEFAULT_ROWS = [row for row in ROWS if row != "batch"]
 #: checkpoint name -> (spacing mm, crop size, fit steps)
 CHECKPOINTS = {"fine": (1.5, (64, 64, 64), 300), "coarse": (5.0, (64, 64, 48), 300)}
 
@@ -96,14 +101,12 @@ def run_row(row: str, scan: Path, checkpoint: Path, out: Path) -> dict:
     """Segment ``scan`` the way ``row`` says; seconds of the whole segment and peak RSS."""
     from clipseg3d.cli import segment
 
-    _, _, options, attributes = ROWS[row]
+    _, _, options = ROWS[row]
     args = segment.build_parser().parse_args([str(scan), "--ckpt", str(checkpoint), "-o", str(out), "--device", "cpu",
                                               "--no-overlay", "--overwrite", *options])
     start = time.perf_counter()
     segmenter = segment.load_segmenter(args)
     segmenter.inferer.progress = False
-    for key, value in attributes.items():
-        setattr(segmenter.inferer, key, value)
     done, _, failed = segment.run_scans(segmenter, [scan], args)
     if failed or not done:
         raise SystemExit(f"{row}: segment failed")
@@ -150,7 +153,8 @@ def dice_cell(scores: dict[str, float] | None) -> str:
 
 def window_means(size: int = 96, repeats: int = 2) -> None:
     """One forward of the demo U-Net + 32-class head per window: float32, channels-last, bfloat16
-    autocast, 2 windows per pass; interleaved, best of ``repeats``."""
+    autocast, 2 windows per pass, the compiled head, and the last three together; interleaved
+    after a warm-up round (which also compiles), best of ``repeats``."""
     import torch
 
     from clipseg3d.models.backbones import UNetBackbone
@@ -165,10 +169,23 @@ def window_means(size: int = 96, repeats: int = 2) -> None:
         return head(*backbone(windows), embeddings)
 
     one, two = torch.rand(1, 1, size, size, size), torch.rand(2, 1, size, size, size)
+    def fused(run):
+        def with_fused_head():
+            head.fused = True
+            try:
+                return run()
+            finally:
+                head.fused = False
+        return with_fused_head
+
+    last = one.contiguous(memory_format=torch.channels_last_3d)
     means = {"float32 (reference)": (lambda: network(one), 1),
-             "channels-last windows": (lambda: network(one.contiguous(memory_format=torch.channels_last_3d)), 1),
+             "channels-last windows": (lambda: network(last), 1),
              "bfloat16 autocast": (lambda: torch.autocast("cpu", dtype=torch.bfloat16)(network)(one), 1),
-             "2 windows per pass (per window)": (lambda: network(two), 2)}
+             "2 windows per pass (per window)": (lambda: network(two), 2),
+             "compiled head": (fused(lambda: network(one)), 1),
+             "channels-last, bfloat16, compiled head": (
+                 fused(lambda: torch.autocast("cpu", dtype=torch.bfloat16)(network)(last)), 1)}
     times: dict[str, float] = {name: float("inf") for name in means}
     with torch.no_grad():
         for _ in range(repeats + 1):  # the first round warms up
@@ -184,7 +201,7 @@ def window_means(size: int = 96, repeats: int = 2) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="256 x 256 x 150 voxels instead of 512 x 512 x 300")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--steps", type=int, help="fit steps of both checkpoints (default: 300)")
     parser.add_argument("--seed", type=int, default=0)

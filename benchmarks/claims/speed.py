@@ -24,35 +24,21 @@ import torch
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run import best_of  # noqa: E402
+from run import head_rows  # noqa: E402
 
 from claims.config import FULL, OVERLAP, QUICK, TEXT_DIM, Budget  # noqa: E402
 from claims.models import PlainConvNet, make_backbone  # noqa: E402
-from clipseg3d.models.backbones import SwinUNETRBackbone, UNetBackbone  # noqa: E402
-from clipseg3d.models.head import DynamicHead  # noqa: E402
 
 HEAD_CLASSES = (32, 128, 512)
 WINDOW_METHODS = ("streaming", "monai")
 
 
-@torch.no_grad()
 def head_vs_backbone(budget: Budget) -> list[dict]:
     """Forward time of the dynamic head at 32, 128 and 512 classes over that of the backbone,
     behind the U-Net (16..256) and Swin UNETR, on one cubic window."""
     torch.manual_seed(0)
-    image = torch.rand(1, 1, *(budget.head_window,) * 3)
-    rows = []
-    for backbone in (UNetBackbone(), SwinUNETRBackbone(feature_size=budget.swin_feature)):
-        backbone.eval()
-        decoder_map, global_feature = backbone(image)
-        backbone_s = best_of(lambda: backbone(image), budget.timing_repeats)
-        for classes in HEAD_CLASSES:
-            head = DynamicHead(backbone.out_channels, backbone.global_channels, TEXT_DIM).eval()
-            embeddings = torch.randn(classes, TEXT_DIM)
-            head_s = best_of(lambda: head(decoder_map, global_feature, embeddings), budget.timing_repeats)
-            rows.append({"backbone": backbone.registry_name, "classes": classes, "backbone_s": backbone_s,
-                         "head_s": head_s})
-    return rows
+    return head_rows(budget.head_window, HEAD_CLASSES, repeats=budget.timing_repeats, swin_feature=budget.swin_feature,
+                     text_dim=TEXT_DIM)
 
 
 def peak_rss_gb() -> float:
