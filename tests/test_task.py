@@ -221,13 +221,20 @@ def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
     assert all(factor(step) > factor(step + 1) for step in range(3, 11))
 
 
-def test_a_training_step_runs_the_head_on_labelled_classes_only_with_the_full_heads_loss_and_gradients():
+# Samples of datasets that label different classes: the head runs per sample (sample 1 labels
+# nothing: no pass for it); of overlapping ones: once over the classes some sample labels.
+@pytest.mark.parametrize("labelled, head_passes", [
+    ([[True, False, True, False], [False, False, False, False], [False, True, True, True]], [(1, 2), (1, 3)]),
+    ([[True, True, False, False], [True, True, True, False], [False, False, False, False]], [(3, 3)]),
+])
+def test_a_training_step_runs_the_head_on_labelled_classes_only_with_the_full_heads_loss_and_gradients(
+        labelled, head_passes):
     torch.manual_seed(0)
     task = UniversalSegmentation(classes=OLD + [NEW], backbone=small_backbone(), head_hidden=32, roi_size=ROI)
     task.log = lambda *args, **kwargs: None
     image = torch.randn(3, 1, *ROI)
     target = (torch.rand(3, 4, *ROI) > 0.7).to(torch.uint8)
-    labelled = torch.tensor([[True, False, True, False], [False, False, False, False], [False, True, True, True]])
+    labelled = torch.tensor(labelled)
     batch = {"image": image, "target": target, "labelled": labelled}
     head_classes = []
     hook = task.model.head.register_forward_hook(lambda module, args, out: head_classes.append(out.shape[:2]))
@@ -239,7 +246,7 @@ def test_a_training_step_runs_the_head_on_labelled_classes_only_with_the_full_he
         return loss.detach(), {name: p.grad.clone() for name, p in task.model.head.named_parameters()}
 
     fast = loss_and_gradients(lambda: task.training_step(batch, 0))
-    assert head_classes == [(1, 2), (1, 3)]  # sample 1 labels nothing: no head pass for it
+    assert head_classes == head_passes
     full = loss_and_gradients(lambda: task.loss(task.model(image), target, labelled))
     hook.remove()
     torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=0)

@@ -205,22 +205,28 @@ class UniversalSegmentation(L.LightningModule):
                            labelled: torch.Tensor) -> torch.Tensor:
         """The loss of a batch's labelled (sample, class) pairs (``labelled`` [B, K]).
 
-        Without class adapters the head runs each sample over the classes its dataset labels only:
-        the loss leaves the others out, so computing them would cost time for a zero gradient (with
-        partially labelled datasets, most of the head's work). With adapters it runs over all
-        classes, so every adapter takes part in every step (as distributed training expects).
+        Without class adapters the head runs over labelled classes only: the loss leaves the others
+        out, so computing them would cost time for a zero gradient (with partially labelled
+        datasets, much of the head's work). It runs once over the classes some sample labels, or,
+        where that computes at least twice the labelled pairs (samples of datasets that label
+        different classes), once per sample over that sample's classes. With adapters it runs over
+        all classes, so every adapter takes part in every step (as distributed training expects).
         """
         labelled = labelled.bool()
         if self.model.adapted_classes or not labelled.any():
             return self.loss(self.model.head(decoder_map, global_feature, *self.model.class_inputs()), target, labelled)
+        union = labelled.any(0).nonzero().flatten()
+        if 2 * int(labelled.sum()) > labelled.shape[0] * len(union):
+            logits = self.model.head(decoder_map, global_feature, *self.model.class_inputs(union.tolist()))
+            return self.loss(logits, target[:, union], labelled[:, union])
         embeddings, slots = self.model.class_inputs()
-        logits = []
+        pairs = []
         for sample, classes in enumerate(labelled):
             rows = classes.nonzero().flatten()
             if rows.numel():
-                logits.append(self.model.head(decoder_map[sample:sample + 1], global_feature[sample:sample + 1],
-                                              embeddings[rows], slots[rows])[0])
-        return self.loss.of_pairs(torch.cat(logits), target[labelled])
+                pairs.append(self.model.head(decoder_map[sample:sample + 1], global_feature[sample:sample + 1],
+                                             embeddings[rows], slots[rows])[0])
+        return self.loss.of_pairs(torch.cat(pairs), target[labelled])
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr,
