@@ -38,6 +38,7 @@ ROWS = {
     "channels_last": ("channels-last windows (`--channels-last`)", "fine", ["--channels-last"]),
     "bfloat16": ("bfloat16 autocast (`--bfloat16`)", "fine", ["--bfloat16"]),
     "compile": ("compiled head (`--compile`)", "fine", ["--compile"]),
+    "onnx": ("backbone in ONNX Runtime (`--onnx`)", "fine", ["--onnx"]),
     "combined": ("overlap 0.25, channels-last, bfloat16, compiled head", "fine",
                  ["--overlap", "0.25", "--channels-last", "--bfloat16", "--compile"]),
     "fast": ("`--fast` (overlap 0.25; a checkpoint of 3 mm or coarser)", "coarse", ["--fast"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,22 @@ def test_fast_needs_a_coarse_checkpoint_and_lowers_the_overlap(case, capsys):
 def test_the_compiled_head_gives_the_reference_probabilities(case, reference):
     for name, ours, theirs in zip(CLASSES, probabilities(case, ["--compile"]), reference):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=PROBABILITY_TOLERANCE, msg=name)
+
+
+def test_the_onnx_backbone_gives_the_reference_probabilities(case, reference):
+    pytest.importorskip("onnxruntime")
+    args = build_parser().parse_args([str(case["scan"]), "--ckpt", str(case["fine"]), "-o", str(case["out"]),
+                                      "--device", "cpu", "--onnx"])
+    assert type(load_segmenter(args).model.backbone).__name__ == "OnnxBackbone"
+    for name, ours, theirs in zip(CLASSES, probabilities(case, ["--onnx"]), reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=PROBABILITY_TOLERANCE, msg=name)
+
+
+def test_without_onnxruntime_the_backbone_falls_back_to_pytorch_with_one_line(case, reference, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    capsys.readouterr()
+    maps = probabilities(case, ["--onnx"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "onnx" in line.lower()]
+    assert len(lines) == 1 and "onnxruntime is not installed" in lines[0] and "PyTorch" in lines[0]
+    for name, ours, theirs in zip(CLASSES, maps, reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)  # the reference path itself
