@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,17 @@ import torch
 from clipseg3d.models.backbones import SwinUNETRBackbone, UNetBackbone
 from clipseg3d.models.head import DynamicHead
 from clipseg3d.phantom import write_dataset
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory: ``VmHWM``, which (unlike ``ru_maxrss``) starts afresh at
+    exec, so a child does not report the size of the process that started it."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024 ** 2  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux reports KiB
 
 
 def best_of(fn, repeats: int = 3) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -100,6 +99,8 @@ def write_ct(cache: Path, shape: tuple[int, int, int], seed: int = 7) -> Path:
 # -- one row, in its own process -----------------------------------------------------------------
 def run_row(row: str, scan: Path, checkpoint: Path, out: Path) -> dict:
     """Segment ``scan`` the way ``row`` says; seconds of the whole segment and peak RSS."""
+    from run import peak_rss_gb
+
     from clipseg3d.cli import segment
 
     _, _, options = ROWS[row]
@@ -112,7 +113,7 @@ def run_row(row: str, scan: Path, checkpoint: Path, out: Path) -> dict:
     if failed or not done:
         raise SystemExit(f"{row}: segment failed")
     return {"seconds": time.perf_counter() - start,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}
+            "peak_rss_gb": peak_rss_gb()}
 
 
 def measure(row: str, scan: Path, checkpoint: Path, out: Path, threads: int) -> dict:
@@ -134,22 +135,26 @@ def label_masks(folder: Path) -> dict[str, np.ndarray]:
 
 
 def dice_by_class(masks: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per-class Dice over the classes either side labels (1.0 where both leave one empty)."""
+    """Per-class Dice over the classes that either side labels somewhere (a class empty in both is
+    left out: it says nothing of the agreement)."""
     scores = {}
     for name in sorted(set(masks) | set(reference)):
         ours, theirs = masks.get(name), reference.get(name)
         ours_count = int(ours.sum()) if ours is not None else 0
         theirs_count = int(theirs.sum()) if theirs is not None else 0
-        both = int(np.logical_and(ours, theirs).sum()) if ours is not None and theirs is not None else 0
-        scores[name] = 1.0 if ours_count + theirs_count == 0 else 2.0 * both / (ours_count + theirs_count)
+        if ours_count + theirs_count:
+            both = int(np.logical_and(ours, theirs).sum()) if ours is not None and theirs is not None else 0
+            scores[name] = 2.0 * both / (ours_count + theirs_count)
     return scores
 
 
 def dice_cell(scores: dict[str, float] | None) -> str:
     if scores is None:
         return ""
+    if not scores:
+        return "n/a (no class labelled by either)"
     worst = min(scores, key=scores.get)
-    return f"{np.mean(list(scores.values())):.3f} (lowest {worst} {scores[worst]:.3f})"
+    return f"{np.mean(list(scores.values())):.3f} over {len(scores)} classes (lowest {worst} {scores[worst]:.3f})"
 
 
 def window_means(size: int = 96, repeats: int = 2) -> None:

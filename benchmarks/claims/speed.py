@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import torch
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run import head_rows  # noqa: E402
+from run import head_rows, peak_rss_gb  # noqa: E402
 
 from claims.config import FULL, OVERLAP, QUICK, TEXT_DIM, Budget  # noqa: E402
 from claims.models import PlainConvNet, make_backbone  # noqa: E402
@@ -39,17 +38,6 @@ def head_vs_backbone(budget: Budget) -> list[dict]:
     torch.manual_seed(0)
     return head_rows(budget.head_window, HEAD_CLASSES, repeats=budget.timing_repeats, swin_feature=budget.swin_feature,
                      text_dim=TEXT_DIM)
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory: ``VmHWM``, which (unlike ``ru_maxrss``) starts afresh at
-    exec, so a child does not report the size of the process that started it."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024 ** 2  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux reports KiB
 
 
 def window_run(method: str, budget: Budget) -> dict:
