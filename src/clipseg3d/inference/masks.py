@@ -89,15 +89,13 @@ def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: 
     for index, name in enumerate(class_names):
         probability, probabilities[index] = probabilities[index], None
         limit = config.thresholds.get(name, config.default_threshold)
+        model_box = (tuple(slice(0, size) for size in grid.shape) if save_probability is not None
+                     else bounding_box((probability.float() >= limit).cpu().numpy()))
+        on_scan, box = (grid.to_scan_box(probability, model_box) if model_box is not None
+                        else (torch.zeros((0, 0, 0)), (slice(0, 0),) * 3))
+        on_scan = on_scan.cpu()
         if save_probability is not None:
-            on_scan = grid.to_scan(probability).cpu()
-            save_probability(name, on_scan)
-            box = tuple(slice(0, size) for size in grid.scan_shape)
-        else:
-            model_box = bounding_box((probability.float() >= limit).cpu().numpy())
-            on_scan, box = (grid.to_scan_box(probability, model_box) if model_box is not None
-                            else (torch.zeros((0, 0, 0)), (slice(0, 0),) * 3))
-            on_scan = on_scan.cpu()
+            save_probability(name, on_scan)  # the whole model grid's box: the whole scan grid
         masks[name] = np.zeros(grid.scan_shape, dtype=bool)
         masks[name][box] = (on_scan >= limit).numpy()
         boxes[name] = box
