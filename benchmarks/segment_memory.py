@@ -36,6 +36,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from run import peak_rss_gb
 
 MODEL_SPACING_MM = [1.5, 1.5, 1.5]
 # scan shape and voxel size (mm) per size option
@@ -45,10 +46,6 @@ METHODS = ["segment", "streaming", "monai", "validation"]
 ROI = [96, 96, 96]
 OVERLAP = 0.5
 EMBEDDING_DIM = 384
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux reports KiB
 
 
 def write_scan(path: Path, shape: tuple[int, int, int], voxel_mm: tuple[float, float, float], seed: int = 0) -> None:
