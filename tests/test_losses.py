@@ -72,6 +72,34 @@ def test_loss_and_gradient_equal_the_per_pair_formula(bce_weight, dice_weight, s
     torch.testing.assert_close(grad, reference_grad, rtol=64 * eps, atol=64 * eps * reference_grad.abs().max().item())
 
 
+
+def test_without_dice_on_empty_a_crop_missing_its_class_gets_bce_only():
+    g = torch.Generator().manual_seed(5)
+    logits = (2.0 * torch.randn(2, 3, 6, 5, 4, generator=g)).requires_grad_(True)
+    target = (torch.rand(2, 3, 6, 5, 4, generator=g) > 0.6).float()
+    target[0, 1] = 0.0  # labelled, but absent from this crop
+    target[1, 2] = 0.0
+    labelled = torch.tensor([[True, True, False], [True, False, True]])
+    value = PartialLabelLoss(0.5, 2.0, 1.0, dice_on_empty=False)(logits, target, labelled)
+    (grad,) = torch.autograd.grad(value, logits)
+    chosen, truth = logits.flatten(2)[labelled], target.flatten(2)[labelled]
+    bce = F.binary_cross_entropy_with_logits(chosen, truth)
+    holds = truth.sum(-1) > 0
+    probs = torch.sigmoid(chosen[holds])
+    dice = 1.0 - (2.0 * (probs * truth[holds]).sum(-1) + 1.0) / (probs.sum(-1) + truth[holds].sum(-1) + 1.0)
+    reference = 0.5 * bce + 2.0 * dice.mean()
+    (reference_grad,) = torch.autograd.grad(reference, logits)
+    eps = torch.finfo(torch.float32).eps
+    assert holds.tolist() == [True, False, True, False]
+    torch.testing.assert_close(value, reference, rtol=16 * eps, atol=0.0)
+    torch.testing.assert_close(grad, reference_grad, rtol=64 * eps, atol=64 * eps * reference_grad.abs().max().item())
+    # the default scores the empty pairs' Dice too, which is larger than their BCE-only term here
+    assert PartialLabelLoss(0.5, 2.0, 1.0)(logits, target, labelled).item() > value.item() + 0.1
+    nothing_present = PartialLabelLoss(dice_on_empty=False)(logits, torch.zeros_like(target), labelled)
+    torch.testing.assert_close(nothing_present, F.binary_cross_entropy_with_logits(chosen, torch.zeros_like(truth)),
+                               rtol=16 * eps, atol=0.0)
+
+
 def test_generated_organ_targets_include_their_tumour_voxels():
     names = ["liver", "spleen", "liver_tumor"]
     _, targets = synthetic_volume(names, (24, 24, 24), np.random.default_rng(0))

@@ -86,6 +86,8 @@ class UniversalSegmentation(L.LightningModule):
             to the starting model's output (soft BCE) in the samples whose dataset does not label
             it, so the head learns the new classes without forgetting the old ones; 0 turns it off.
         bce_weight, dice_weight: loss weights.
+        dice_on_empty: whether a crop without a labelled class still gets that class's Dice term
+            (False: BCE only; for crops much smaller than the body, see :class:`PartialLabelLoss`).
         lr, weight_decay, warmup_steps, min_lr_factor: AdamW with warm-up cosine, stepped per step.
         roi_size: sliding-window size for validation and inference (the training crop size).
         sw_overlap, sw_batch_size, sw_mode: sliding-window settings.
@@ -107,6 +109,7 @@ class UniversalSegmentation(L.LightningModule):
         keep_old_classes: float = 0.0,
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
+        dice_on_empty: bool = True,
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
         warmup_steps: int = 100,
@@ -151,7 +154,8 @@ class UniversalSegmentation(L.LightningModule):
 
     def configure_losses(self) -> None:
         """``loss``: BCE + Dice over the labelled (sample, class) pairs."""
-        self.loss = PartialLabelLoss(self.hparams.bce_weight, self.hparams.dice_weight)
+        self.loss = PartialLabelLoss(self.hparams.bce_weight, self.hparams.dice_weight,
+                                     dice_on_empty=self.hparams.dice_on_empty)
 
     def configure_metrics(self) -> None:
         """``class_dice``: each class's Dice over whole scans; ``eval_loss``: the mean loss of the
