@@ -110,19 +110,25 @@ def test_adapter_slots_route_each_class_through_its_own_adapter():
         head(decoder_map, global_feature, embeddings, torch.tensor([2, -1, -1, -1]))
 
 
-def fused_case(classes: int, seed: int = 5):
+def fused_case(classes: int, seed: int = 5, decoder_channels: int = 16):
     torch.manual_seed(seed)
-    head = DynamicHead(decoder_channels=16, global_channels=32, text_dim=24, hidden=64).eval()
-    return head, torch.randn(2, 16, 9, 10, 11), torch.randn(2, 32), torch.randn(classes, 24)
+    head = DynamicHead(decoder_channels=decoder_channels, global_channels=32, text_dim=24, hidden=64).eval()
+    with torch.no_grad():  # a group norm that is not the identity's affine
+        head.feature_proj[0].weight.uniform_(0.5, 1.5)
+        head.feature_proj[0].bias.uniform_(-0.5, 0.5)
+    decoder_map = 3.0 * torch.randn(2, decoder_channels, 9, 10, 11) + torch.randn(2, decoder_channels, 1, 1, 1)
+    return head, decoder_map, torch.randn(2, 32), torch.randn(classes, 24)
 
 
-@pytest.mark.parametrize("classes", [5, 40])  # one padded class group; two, the second padded
-def test_the_fused_layers_pad_groups_and_chunks_and_equal_naive_reference(classes, monkeypatch):
-    # the kernel's arithmetic and padding, run eagerly (compiling it is the slow test below); 990
-    # voxels in chunks of 512: the second chunk padded
+# one padded class group, two (the second padded); group norms of 1, 3 and 20 channels per group
+@pytest.mark.parametrize("classes, decoder_channels", [(5, 16), (40, 16), (5, 48), (5, 20)])
+def test_the_fused_layers_pad_groups_and_chunks_and_equal_naive_reference(classes, decoder_channels, monkeypatch):
+    # the kernels' arithmetic and padding, run eagerly (compiling them is the slow test below);
+    # 990 voxels in chunks of 512: the second chunk padded
     monkeypatch.setattr(head_module, "compiled", lambda function: function)
     monkeypatch.setattr(head_module, "FUSED_VOXELS", 512)
-    head, decoder_map, global_feature, embeddings = fused_case(classes)
+    head, decoder_map, global_feature, embeddings = fused_case(classes, decoder_channels=decoder_channels)
+    assert head.feature_proj[0].num_groups == (1 if decoder_channels == 20 else 16)
     head.fused = True
     with torch.no_grad():
         fused = head(decoder_map, global_feature, embeddings)
