@@ -13,11 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from clipseg3d.cli.main import use_huge_pages
 
-from clipseg3d.models.backbones import SwinUNETRBackbone, UNetBackbone
-from clipseg3d.models.head import DynamicHead
-from clipseg3d.phantom import write_dataset
+use_huge_pages()  # as the clipseg3d command does; before torch allocates (THP_MEM_ALLOC_ENABLE=0: without)
+
+import torch  # noqa: E402
+
+from clipseg3d.models.backbones import SwinUNETRBackbone, UNetBackbone  # noqa: E402
+from clipseg3d.models.head import DynamicHead  # noqa: E402
+from clipseg3d.phantom import write_dataset  # noqa: E402
 
 
 def peak_rss_gb() -> float:

@@ -33,8 +33,17 @@ def _usage() -> str:
             f"  fit, validate, test, predict\n\ntools:\n{tools}\n")
 
 
+def use_huge_pages() -> None:
+    """Let PyTorch back large CPU tensors with transparent huge pages (``THP_MEM_ALLOC_ENABLE``,
+    unless already set): a fresh 96^3 window's activations otherwise cost a page fault per 4 KiB,
+    which on a 2-core machine doubled the U-Net's forward time. PyTorch reads the setting at its
+    first allocation, so this runs before any tensor exists."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
+    use_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
