@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
+import clipseg3d.inference.postprocess as postprocess_module
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.inference.postprocess import (
     PostprocessConfig,
     assign_pair_sides,
     body_midline_x,
     connected_components,
+    each_in_threads,
     keep_largest_component,
     merge_label_map,
     postprocess,
@@ -185,6 +190,38 @@ def test_postprocess_applies_catalog_rules_to_a_stack():
     assert np.array_equal(out[3], lump_in)
     assert np.array_equal(out[4], pair_lump)
 
+
+
+def test_each_in_threads_keeps_the_order_and_runs_at_most_one_item_per_thread_ahead(monkeypatch):
+    monkeypatch.setattr(postprocess_module.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def square(item: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.002 * (item % 4))  # later items often finish first
+        with lock:
+            running[0] -= 1
+        return item * item
+
+    assert list(each_in_threads(square, list(range(12)))) == [item * item for item in range(12)]
+    assert 2 <= most[0] <= 3  # items run side by side, never more than three at once
+    assert list(each_in_threads(square, [5])) == [25]
+
+
+def test_postprocess_on_threads_equals_one_thread(monkeypatch):
+    shape = (40, 20, 20)
+    names = CATALOG.names
+    rng = np.random.default_rng(3)
+    given = {name: rng.random(shape) > 0.7 for name in names}  # many components of every size
+    config = PostprocessConfig(min_component_ml=0.02, min_lesion_ml=0.03, tumour_dilation_mm=2.0)
+    monkeypatch.setattr(postprocess_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    threaded = postprocess(dict(given), CATALOG, names, (1.0, 1.0, 1.0), RAS, config)
+    monkeypatch.setattr(postprocess_module, "MAX_RULE_THREADS", 1)
+    single = postprocess(dict(given), CATALOG, names, (1.0, 1.0, 1.0), RAS, config)
+    assert all(np.array_equal(threaded[name], single[name]) for name in names)
+    assert all(0 < threaded[name].sum() < given[name].sum() for name in names)
 
 def test_postprocess_in_place_replaces_the_dict_entries_with_the_same_results():
     shape = (40, 20, 20)

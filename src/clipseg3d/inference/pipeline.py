@@ -31,6 +31,7 @@ from clipseg3d.inference.overlay import save_overlay_png
 from clipseg3d.inference.postprocess import (
     PostprocessConfig,
     body_midline_x,
+    each_in_threads,
     merge_label_map,
     postprocess,
 )
@@ -120,9 +121,12 @@ def write_scan_outputs(folder: Path, scan: Scan, grid: ModelGrid, probabilities:
     else:
         with_masks = set(nested_classes(class_names, catalog)) | set(hidden_classes(masks, label_map, class_names))
         mask_names = [name for name in class_names if name in with_masks]
-    for name in mask_names:
-        write_nifti_atomic(masks[name], scan.affine, folder / "masks" / f"{name}.nii.gz", dtype=np.uint8,
-                           header=scan.header)
+
+    def write_mask(name: str) -> Path:
+        return write_nifti_atomic(masks[name], scan.affine, folder / "masks" / f"{name}.nii.gz", dtype=np.uint8,
+                                  header=scan.header)
+
+    list(each_in_threads(write_mask, mask_names))  # zlib releases the GIL: the files compress side by side
     # Only tumour entries are read by build_report (lesion peak probabilities), so the others stay None.
     report = build_report(masks, class_names, catalog, scan.affine, scan.spacing, probs=tumour_probabilities)
     report.update(provenance or {})
