@@ -45,6 +45,15 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
+def sgemm_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matrix-multiply speed now (GFLOP/s, torch's threads): a shared host
+    shows here, whatever the load average says."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    return 2 * size ** 3 / best_of(lambda: a @ b, repeats) / 1e9
+
+
 BACKBONES = {"unet": lambda swin_feature: UNetBackbone(num_res_units=1),  # the demo's U-Net
              "swinunetr": lambda swin_feature: SwinUNETRBackbone(feature_size=swin_feature)}
 
@@ -120,7 +129,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}\n")
+    print(f"torch threads: {torch.get_num_threads()}; sgemm {sgemm_gflops():.0f} GFLOP/s\n")
     print_head_rows(head_rows(backbones=tuple(args.backbones), variants=tuple(args.heads)))
+    print(f"\nsgemm at the end {sgemm_gflops():.0f} GFLOP/s")
     if not args.head_only:
         phantom_speed()

@@ -54,7 +54,10 @@ CHECKPOINTS = {"fine": (1.5, (64, 64, 64), 600, ["--model.lr=1e-3", "--model.war
 
 
 def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    """The load average, and the matrix-multiply speed (a shared host shows there, not in the load)."""
+    from run import sgemm_gflops
+
+    return f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])} (sgemm {sgemm_gflops():.0f} GFLOP/s)"
 
 
 def builtin_classes() -> list[str]:
