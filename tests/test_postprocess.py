@@ -8,14 +8,13 @@ import time
 import numpy as np
 import pytest
 
-import clipseg3d.inference.postprocess as postprocess_module
+import clipseg3d.inference.threads as threads_module
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.inference.postprocess import (
     PostprocessConfig,
     assign_pair_sides,
     body_midline_x,
     connected_components,
-    each_in_threads,
     keep_largest_component,
     merge_label_map,
     postprocess,
@@ -23,6 +22,7 @@ from clipseg3d.inference.postprocess import (
     restrict_to_parents,
     threshold,
 )
+from clipseg3d.inference.threads import each_in_threads
 
 RAS = np.diag([2.0, 2.0, 2.0, 1.0])
 LAS = np.diag([-2.0, 2.0, 2.0, 1.0])  # array axis 0 runs towards the patient's left
@@ -193,7 +193,7 @@ def test_postprocess_applies_catalog_rules_to_a_stack():
 
 
 def test_each_in_threads_keeps_the_order_and_runs_at_most_one_item_per_thread_ahead(monkeypatch):
-    monkeypatch.setattr(postprocess_module.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(threads_module.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     lock, running, most = threading.Lock(), [0], [0]
 
     def square(item: int) -> int:
@@ -216,9 +216,9 @@ def test_postprocess_on_threads_equals_one_thread(monkeypatch):
     rng = np.random.default_rng(3)
     given = {name: rng.random(shape) > 0.7 for name in names}  # many components of every size
     config = PostprocessConfig(min_component_ml=0.02, min_lesion_ml=0.03, tumour_dilation_mm=2.0)
-    monkeypatch.setattr(postprocess_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(threads_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     threaded = postprocess(dict(given), CATALOG, names, (1.0, 1.0, 1.0), RAS, config)
-    monkeypatch.setattr(postprocess_module, "MAX_RULE_THREADS", 1)
+    monkeypatch.setattr(threads_module, "MAX_THREADS", 1)
     single = postprocess(dict(given), CATALOG, names, (1.0, 1.0, 1.0), RAS, config)
     assert all(np.array_equal(threaded[name], single[name]) for name in names)
     assert all(0 < threaded[name].sum() < given[name].sum() for name in names)

@@ -31,12 +31,12 @@ from clipseg3d.inference.overlay import save_overlay_png
 from clipseg3d.inference.postprocess import (
     PostprocessConfig,
     body_midline_x,
-    each_in_threads,
     merge_label_map,
     postprocess,
 )
 from clipseg3d.inference.report import build_report, write_report_atomic
 from clipseg3d.inference.sliding_window import StreamingInferer, class_predictor
+from clipseg3d.inference.threads import each_in_threads
 from clipseg3d.models.model import UniversalModel
 
 # -- settings ---------------------------------------------------------------------------------

@@ -16,17 +16,15 @@ the bounding box of each mask, so memory stays near one bool volume per class.
 
 from __future__ import annotations
 
-import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar, Union
+from typing import Mapping, Sequence, Union
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from clipseg3d.catalog import ClassCatalog, ClassEntry
+from clipseg3d.inference.threads import each_in_threads
 
 Masks = Union[Mapping[str, np.ndarray], np.ndarray]
 # Voxels touching by a face, an edge or a corner belong to the same component.
@@ -34,9 +32,6 @@ CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 BODY_HU = -500.0
 # A pair component in which each side's label holds at least this share is the two organs touching.
 PAIR_TOUCHING_SHARE = 0.1
-#: at most this many classes are cleaned at once (SciPy's labelling and NumPy's loops release the
-#: GIL: 1.7x on 2 cores for four organ masks of 512x512x300)
-MAX_RULE_THREADS = 4
 
 
 @dataclass
@@ -329,28 +324,6 @@ def _keep_largest_organs(current: dict[str, np.ndarray], entries: Mapping[str, C
 
     for group, masks in zip(groups, each_in_threads(kept, groups)):
         current.update(zip(group, masks))
-
-
-Item = TypeVar("Item")
-Result = TypeVar("Result")
-
-
-def each_in_threads(function: Callable[[Item], Result], items: Sequence[Item]) -> Iterator[Result]:
-    """``function`` of each of ``items`` (independent of one another), in order, on up to
-    :data:`MAX_RULE_THREADS` threads (the CPUs this process may use). At most one item per thread
-    runs ahead of the one yielded next, so finished masks do not pile up in memory."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(MAX_RULE_THREADS, cpus, len(items))
-    if workers <= 1:
-        yield from map(function, items)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        pending = deque(pool.submit(function, item) for item in items[:workers])
-        for item in items[workers:]:
-            yield pending.popleft().result()
-            pending.append(pool.submit(function, item))
-        while pending:
-            yield pending.popleft().result()
 
 
 def _canonical(name: str, catalog: ClassCatalog) -> str:

@@ -296,9 +296,10 @@ class DynamicHead(nn.Module):
         shift = norm.bias - mean.repeat_interleave(per_channel, dim=1) * scale
         weight = projection.weight.reshape(self.channels, channels)
         bias = projection.bias.reshape(self.channels, 1)
+        kernel = compiled(fused_projection)
         features = flat.new_empty((batch, self.channels, flat.shape[-1]))
         for image in range(batch):
-            in_fused_chunks(compiled(fused_projection), flat[image],
+            in_fused_chunks(kernel, flat[image],
                             [scale[image, :, None], shift[image, :, None], weight, bias], features[image])
         return features.reshape(batch, self.channels, *decoder_map.shape[2:])
 
