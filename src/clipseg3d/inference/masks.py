@@ -58,11 +58,13 @@ class DepthArgmax:
         """Class ``label`` of depth ``level``: its ``probability`` and ``mask`` over ``box``."""
         if level not in self.levels:
             self.levels[level] = (torch.zeros(self.shape, dtype=torch.float16), np.zeros(self.shape, self.owner_dtype))
-        best, owner = (volume[box] for volume in self.levels[level])
-        wins = torch.from_numpy(mask) & (probability > best)
-        # whole-box writes: boolean-index assignment gathers and scatters (twice the time on an organ's box)
-        best.copy_(torch.where(wins, probability.half(), best))
-        np.copyto(owner, label, where=wins.numpy())
+        best, owner = self.levels[level][0][box], torch.from_numpy(self.levels[level][1][box])
+        probability = probability.half()  # compared as stored: a tie stays with the earlier class
+        wins = torch.gt(probability, best).logical_and_(torch.from_numpy(mask))
+        # whole-box writes in torch: boolean-index assignment gathers and scatters (twice the time on
+        # an organ's box), numpy's copyto(where=) takes twice masked_fill_'s time
+        torch.where(wins, probability, best, out=best)
+        owner.masked_fill_(wins, label)
 
     def keep(self, label: int, level: int, mask: np.ndarray, box: tuple[slice, ...]) -> None:
         """Restrict ``mask`` (the scan grid's; nothing outside ``box``) to the voxels where ``label`` won its depth."""
