@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 import clipseg3d.inference.threads as threads_module
 from clipseg3d.catalog import ClassCatalog
@@ -17,6 +18,7 @@ from clipseg3d.inference.postprocess import (
     connected_components,
     keep_largest_component,
     merge_label_map,
+    min_voxels,
     postprocess,
     remove_small_components,
     restrict_to_parents,
@@ -106,6 +108,27 @@ def test_remove_small_components_uses_millilitres_with_anisotropic_spacing():
     # at 2 mm^3 per voxel both pass 0.5 mL, at 0.5 mm^3 neither does
     assert remove_small_components(larger | smaller, 0.5, (1.0, 1.0, 2.0)).sum() == 1000
     assert remove_small_components(larger | smaller, 0.5, (0.5, 1.0, 1.0)).sum() == 0
+
+
+def test_min_voxels_is_the_volume_predicate_at_its_edge():
+    """The fewest voxels whose ``count * voxel_ml >= minimum``, where the rounded quotient's ceiling is
+    one too many (1.341 mL of 0.36 mm^3 voxels) or one too few (0.11 mL of 11 mm^3 voxels)."""
+    assert min_voxels(0.5, (0.8, 0.8, 1.5)) == 521  # 520 voxels hold 0.4992 mL
+    assert min_voxels(0.0, (1.0, 1.0, 1.0)) == 0
+    for minimum, spacing, count in [(1.341, (0.3, 0.5, 2.4), 3725), (0.11, (5.0, 4.4, 0.5), 11)]:
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        assert min_voxels(minimum, spacing) == count
+        assert count * voxel_ml >= minimum > (count - 1) * voxel_ml
+
+
+def test_largest_component_of_a_minimum_size_equals_small_removal_then_largest():
+    """One labelling gives what the two rules give in turn, on random blobs of many sizes."""
+    rng = np.random.default_rng(3)
+    mask = ndimage.binary_opening(rng.random((40, 40, 40)) > 0.55)
+    for minimum in (1, 5, 30, 10**6):
+        expected = keep_largest_component(remove_small_components(mask, minimum / 1000.0, (1.0, 1.0, 1.0)))
+        assert np.array_equal(keep_largest_component(mask, min_voxels=minimum), expected)
+    assert keep_largest_component(mask).sum() > 30  # the sizes straddle the minimums
 
 
 def _swapped_pair(shape=(30, 10, 10)):
