@@ -314,13 +314,19 @@ def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str],
     for group, group_masks in zip(groups, each_in_threads(cleaned, groups)):
         current.update(zip(group, group_masks))
 
-    for name, entry in entries.items():
-        parents = [_canonical(parent, catalog) for parent in entry.parents]
-        parents = [parent for parent in parents if parent in current]
-        if entry.kind != "tumour" or not parents:
-            continue
-        parent_union = np.logical_or.reduce([current[parent] for parent in parents])
-        current[name] = restrict_to_parents(current[name], parent_union, spacing, config.tumour_dilation_mm)
+    parents = {name: [parent for parent in (_canonical(parent, catalog) for parent in entry.parents)
+                      if parent in current] for name, entry in entries.items() if entry.kind == "tumour"}
+    tumours = [name for name in parents if parents[name]]
+
+    def near_parents(name: str) -> np.ndarray:
+        parent_union = np.logical_or.reduce([current[parent] for parent in parents[name]])
+        return restrict_to_parents(current[name], parent_union, spacing, config.tumour_dilation_mm)
+
+    depths = {name: class_depth(name, catalog) for name in tumours}
+    for depth in sorted(set(depths.values())):  # a tumour's parents are done before it, side by side by depth
+        wave = [name for name in tumours if depths[name] == depth]
+        for name, mask in zip(wave, each_in_threads(near_parents, wave)):
+            current[name] = mask
     return _like_input(current, masks)
 
 
