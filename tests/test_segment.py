@@ -151,6 +151,26 @@ def test_model_grid_back_to_scan_equals_monai_inverse():
     torch.testing.assert_close(result, expected[0].as_tensor(), atol=1e-5, rtol=0)
 
 
+def test_model_grid_box_back_to_scan_is_the_whole_volume_there():
+    """On a permuted, flipped and resampled grid, each box's values are bit for bit the whole
+    volume's, and no scan voxel outside the box reaches the box's threshold."""
+    affine = np.array([[-0.8, 0, 0, 10], [0, 0, -1.5, 20], [0, 0.7, 0, -5], [0, 0, 0, 1.0]])
+    scan = Scan(array=np.zeros((31, 20, 17), np.float32), affine=affine, path=Path("scan.nii.gz"), kind="nifti")
+    _, grid = Preprocessing((1.3, 1.1, 2.0))(scan)
+    channel = torch.rand(grid.shape, generator=torch.Generator().manual_seed(0)).half() * 0.5
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        corner = [int(rng.integers(0, size)) for size in grid.shape]
+        model_box = tuple(slice(start, int(rng.integers(start + 1, size + 1))) for start, size in zip(corner, grid.shape))
+        raised = channel.clone()
+        raised[model_box] += 0.5  # every voxel of the box above 0.5, every other one below
+        part, box = grid.to_scan_box(raised, model_box)
+        outside = grid.to_scan(raised)
+        assert torch.equal(part, outside[box])
+        outside[box] = 0
+        assert float(outside.max()) < 0.5
+
+
 def test_flip_averaging_leaves_the_left_right_axis_alone():
     def ramps(x):  # a window-position-dependent "model": channel d is the coordinate along spatial axis d
         grids = torch.meshgrid(*[torch.arange(size, dtype=torch.float32) for size in x.shape[2:]], indexing="ij")

@@ -73,24 +73,30 @@ class ModelGrid:
         """
         if tuple(volume.shape) != tuple(self.shape):
             raise ValueError(f"volume of shape {tuple(volume.shape)} is not on the model grid {self.shape}")
-        result = volume.float().contiguous()
-        scan_box: list[slice] = [slice(0, 0)] * 3
-        scan_axes = [0] * 3
-        mapping = self.axis_mapping()
+        reads = []  # per model axis: scan axis, scan slice, and the corners and weights of its positions
+        for model_axis, (scan_axis, scale, offset) in enumerate(self.axis_mapping()):
+            positions = scale * torch.arange(self.scan_shape[scan_axis], dtype=torch.float64) + offset
+            low, high, weight = _corners(positions, self.shape[model_axis])
+            piece = model_box[model_axis]
+            hits = ((low >= piece.start - 1) & (low < piece.stop)).nonzero().flatten()  # contiguous: low is monotonic
+            first, stop = (int(hits[0]), int(hits[-1]) + 1) if hits.numel() else (0, 0)
+            reads.append((scan_axis, slice(first, stop), low[first:stop], high[first:stop], weight[first:stop]))
+        # only the model voxels the box's scan voxels read are converted and interpolated
+        crop = tuple(slice(int(low.min()), int(high.max()) + 1) if low.numel() else slice(0, 0)
+                     for _, _, low, high, _ in reads)
+        result = volume[crop].float().contiguous()
         # The last (contiguous) axis first: a gather along it is the slow one, so it runs on the
         # smallest tensor (a whole CT at 5 mm: 1.2 s -> 0.2-0.4 s).
         for model_axis in reversed(range(3)):
-            scan_axis, scale, offset = mapping[model_axis]
-            indices = torch.arange(self.scan_shape[scan_axis], dtype=torch.float64, device=result.device)
-            positions = scale * indices + offset
-            low, _, _ = _corners(positions, self.shape[model_axis])
-            piece = model_box[model_axis]
-            reads = ((low >= piece.start - 1) & (low < piece.stop)).nonzero().flatten()  # contiguous: low is monotonic
-            first, stop = (int(reads[0]), int(reads[-1]) + 1) if reads.numel() else (0, 0)
-            scan_box[scan_axis] = slice(first, stop)
-            result = _interpolate_axis(result, model_axis, positions[first:stop])
-            scan_axes[model_axis] = scan_axis
-        return result.permute([scan_axes.index(axis) for axis in range(3)]).contiguous(), tuple(scan_box)
+            _, _, low, high, weight = reads[model_axis]
+            start = crop[model_axis].start
+            result = _interpolate_axis(result, model_axis, low - start, high - start, weight)
+        scan_axes = [scan_axis for scan_axis, *_ in reads]
+        scan_box = [slice(0, 0)] * 3
+        for scan_axis, piece, *_ in reads:
+            scan_box[scan_axis] = piece
+        result = result.permute([scan_axes.index(axis) for axis in range(3)]).contiguous()
+        return result, tuple(scan_box)
 
 
 def _corners(positions: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,16 +107,16 @@ def _corners(positions: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Te
     return low, (low + 1).clamp(max=size - 1), positions - low
 
 
-def _interpolate_axis(volume: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of ``volume`` along ``dim`` at fractional ``positions`` (clamped to the edges)."""
-    size = volume.shape[dim]
-    if len(positions) == size and torch.equal(positions, torch.arange(size).to(positions)):
+def _interpolate_axis(volume: torch.Tensor, dim: int, low: torch.Tensor, high: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``volume`` along ``dim``: ``low`` and ``high`` voxels, ``weight`` of the high one."""
+    if len(low) == volume.shape[dim] and not weight.any() and torch.equal(low, torch.arange(len(low))):
         return volume
-    low, high, weight = _corners(positions, size)
+    low, high = low.to(volume.device), high.to(volume.device)
     shape = [1] * volume.ndim
     shape[dim] = -1
     result = volume.index_select(dim, low)
-    return result.lerp_(volume.index_select(dim, high), weight.to(volume.dtype).reshape(shape))
+    return result.lerp_(volume.index_select(dim, high), weight.to(volume.device, volume.dtype).reshape(shape))
 
 
 # -- the preprocessing ---------------------------------------------------------------------------
