@@ -1,9 +1,9 @@
 """From model-grid class probabilities to masks on the scan grid.
 
 The probabilities are turned into masks one class at a time (:func:`scan_masks`): each is moved
-to the scan grid on the box of scan voxels near its model voxels above threshold (an organ's box
-is a few percent of a CT, so this costs a few percent of moving whole volumes), thresholded to a
-bool mask at once and freed. Only tumour classes keep a
+to the scan grid on the boxes of scan voxels near its model voxels above threshold (an organ's box
+is a few percent of a CT, and a stray speck far from it brings only its own small box), thresholded
+to a bool mask at once and freed. Only tumour classes keep a
 probability volume on the scan grid, as uint8 0..255 (for the lesions' peak probability in the
 report). So memory grows with the class count through float16 model-grid probabilities and bool
 scan-grid masks only.
@@ -16,6 +16,7 @@ keep sharing voxels.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,6 +26,10 @@ from clipseg3d.catalog import ClassCatalog
 from clipseg3d.data.preprocess import ModelGrid
 from clipseg3d.inference.outputs import as_uint8
 from clipseg3d.inference.postprocess import PostprocessConfig, bounding_box, class_depth
+
+#: Edge of the model-grid cubes whose occupied boxes are moved to the scan grid one at a time (see
+#: :func:`occupied_boxes`).
+TILE_VOXELS = 32
 
 
 def nested_classes(class_names: Sequence[str], catalog: ClassCatalog) -> list[str]:
@@ -42,6 +47,21 @@ def hidden_classes(masks: dict[str, np.ndarray], label_map: np.ndarray, class_na
     """Classes with voxels that the label map gives to another class."""
     return [name for label, name in enumerate(class_names, start=1)
             if np.any(masks[name] & (label_map != label))]
+
+
+def occupied_boxes(mask: np.ndarray, tile: int = TILE_VOXELS) -> list[tuple[slice, ...]]:
+    """The bounding boxes of ``mask``'s voxels in each ``tile``-voxel cube of its bounding box that
+    holds any: together they hold every voxel, and scattered specks leave the space between them out."""
+    outer = bounding_box(mask)
+    if outer is None:
+        return []
+    boxes = []
+    for corner in itertools.product(*(range(piece.start, piece.stop, tile) for piece in outer)):
+        cube = tuple(slice(start, min(start + tile, piece.stop)) for start, piece in zip(corner, outer))
+        inner = bounding_box(mask[cube])
+        if inner is not None:
+            boxes.append(tuple(slice(part.start + piece.start, part.stop + piece.start) for part, piece in zip(inner, cube)))
+    return boxes
 
 
 class DepthArgmax:
@@ -80,35 +100,36 @@ def scan_masks(grid: ModelGrid, probabilities: list[torch.Tensor], class_names: 
     Returns the masks and, per class, the uint8 (0..255) scan-grid probabilities of tumour classes
     (``None`` for the others; 0 where the class is below its threshold on the whole neighbourhood,
     as only the masks' voxels are read). ``probabilities`` (model grid) is consumed one class at a
-    time. Each class is moved to the scan grid on the box of scan voxels that read a model voxel
-    above its threshold (:meth:`~clipseg3d.data.preprocess.ModelGrid.to_scan_box`), unless
+    time. Each class is moved to the scan grid on the boxes of scan voxels that read a model voxel
+    above its threshold (:func:`occupied_boxes`, :meth:`~clipseg3d.data.preprocess.ModelGrid.to_scan_box`), unless
     ``save_probability(name, probability)`` is given: it sees each class's whole scan-grid volume.
     """
     levels = {name: class_depth(name, catalog) for name in class_names}
     exclusive = DepthArgmax(grid.scan_shape, len(class_names))
     masks: dict[str, np.ndarray] = {}
-    boxes: dict[str, tuple[slice, ...]] = {}
+    boxes: dict[str, list[tuple[slice, ...]]] = {}
     tumour_probabilities: list[np.ndarray | None] = []
     for index, name in enumerate(class_names):
         probability, probabilities[index] = probabilities[index], None
         limit = config.thresholds.get(name, config.default_threshold)
-        model_box = (tuple(slice(0, size) for size in grid.shape) if save_probability is not None
-                     else bounding_box((probability.float() >= limit).cpu().numpy()))
-        on_scan, box = (grid.to_scan_box(probability, model_box) if model_box is not None
-                        else (torch.zeros((0, 0, 0)), (slice(0, 0),) * 3))
-        on_scan = on_scan.cpu()
-        if save_probability is not None:
-            save_probability(name, on_scan)  # the whole model grid's box: the whole scan grid
+        model_boxes = ([tuple(slice(0, size) for size in grid.shape)] if save_probability is not None
+                       else occupied_boxes((probability.float() >= limit).cpu().numpy()))
         masks[name] = np.zeros(grid.scan_shape, dtype=bool)
-        masks[name][box] = (on_scan >= limit).numpy()
-        boxes[name] = box
-        exclusive.add(index + 1, levels[name], on_scan, masks[name][box], box)
-        if catalog[name].kind == "tumour":
-            tumour_probabilities.append(np.zeros(grid.scan_shape, dtype=np.uint8))
-            tumour_probabilities[-1][box] = as_uint8(on_scan)
-        else:
-            tumour_probabilities.append(None)
-        del on_scan, probability
+        tumour = catalog[name].kind == "tumour"
+        tumour_probabilities.append(np.zeros(grid.scan_shape, dtype=np.uint8) if tumour else None)
+        boxes[name] = []
+        for model_box in model_boxes:  # boxes may share scan voxels: each gives the same values there
+            on_scan, box = grid.to_scan_box(probability, model_box)
+            on_scan = on_scan.cpu()
+            if save_probability is not None:
+                save_probability(name, on_scan)  # the whole model grid's box: the whole scan grid
+            masks[name][box] = (on_scan >= limit).numpy()
+            exclusive.add(index + 1, levels[name], on_scan, masks[name][box], box)
+            if tumour:
+                tumour_probabilities[-1][box] = as_uint8(on_scan)
+            boxes[name].append(box)
+        del probability
     for index, name in enumerate(class_names):
-        exclusive.keep(index + 1, levels[name], masks[name], boxes[name])
+        for box in boxes[name]:
+            exclusive.keep(index + 1, levels[name], masks[name], box)
     return masks, tumour_probabilities
