@@ -77,7 +77,9 @@ class DepthArgmax:
     def add(self, label: int, level: int, probability: torch.Tensor, mask: np.ndarray, box: tuple[slice, ...]) -> None:
         """Class ``label`` of depth ``level``: its ``probability`` and ``mask`` over ``box``."""
         if level not in self.levels:
-            self.levels[level] = (torch.zeros(self.shape, dtype=torch.float16), np.zeros(self.shape, self.owner_dtype))
+            # numpy's zeros leave the pages untouched until a box is written (torch.zeros writes them all:
+            # 0.5 s on a VM whose first touch of memory is slow)
+            self.levels[level] = (torch.from_numpy(np.zeros(self.shape, np.float16)), np.zeros(self.shape, self.owner_dtype))
         best, owner = self.levels[level][0][box], torch.from_numpy(self.levels[level][1][box])
         probability = probability.half()  # compared as stored: a tie stays with the earlier class
         wins = torch.gt(probability, best).logical_and_(torch.from_numpy(mask))
