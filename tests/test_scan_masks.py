@@ -11,7 +11,7 @@ from scipy import ndimage
 from clipseg3d.catalog import ClassCatalog
 from clipseg3d.data.preprocess import Preprocessing
 from clipseg3d.data.scans import Scan
-from clipseg3d.inference.masks import scan_masks
+from clipseg3d.inference.masks import occupied_boxes, scan_masks
 from clipseg3d.inference.postprocess import PostprocessConfig
 
 CLASSES = ["liver", "spleen", "liver_tumor", "stomach"]
@@ -55,3 +55,17 @@ def test_masks_from_boxes_equal_masks_from_whole_volumes():
     # whole volumes were above threshold near their peaks only: the boxes are small
     assert whole["liver"].shape == tuple(grid.scan_shape)
     assert float((whole["liver"] >= 0.5).float().mean()) < 0.2
+
+
+def test_occupied_boxes_hold_every_voxel_and_leave_the_space_between_specks_out():
+    mask = np.zeros((70, 50, 40), bool)
+    mask[2:4, 3:5, 1:3] = True       # a speck in one corner
+    mask[60:66, 40:47, 30:38] = True  # a blob in the other, across a cube face (z = 1 + 32)
+    boxes = occupied_boxes(mask, tile=32)
+    covered = np.zeros_like(mask)
+    for box in boxes:
+        covered[box] = True
+    assert not (mask & ~covered).any()
+    assert sorted(int(covered[box].size) for box in boxes) == [8, 6 * 7 * 3, 6 * 7 * 5]  # tight in each cube
+    assert covered.sum() == mask.sum()
+    assert occupied_boxes(np.zeros((5, 5, 5), bool)) == []
