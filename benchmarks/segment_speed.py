@@ -45,11 +45,11 @@ ROWS = {
 }
 #: the rows run by default (4 windows per pass gained nothing on a CPU: see BENCHMARKS.md)
 DEFAULT_ROWS = [row for row in ROWS if row != "batch"]
+#: name, cases and seed of the phantoms both references are fitted on (every built-in class labelled)
+TRAINING_PHANTOMS = ("all_classes", 24, 11)
 #: checkpoint name -> (spacing mm, crop size, fit steps, overrides of the demo's fit). At 1.5 mm a
 #: 64^3 crop holds parts of a few organs: the demo's recipe (lr 3e-3, Dice on every labelled pair)
 #: learns to predict nothing there, so the fine fit scores Dice only on the crops that hold the class.
-#: name, cases and seed of the phantoms both references are fitted on (every built-in class labelled)
-TRAINING_PHANTOMS = ("all_classes", 24, 11)
 CHECKPOINTS = {"fine": (1.5, (64, 64, 64), 600, ["--model.lr=1e-3", "--model.warmup_steps=50",
                                                  "--model.dice_on_empty=false"]),
                "coarse": (5.0, (64, 64, 48), 600, [])}
@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256 x 256 x 150 voxels instead of 512 x 512 x 300")
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--steps", type=int, help="fit steps of both checkpoints (default: fine 600, coarse 600)")
+    parser.add_argument("--steps", type=int, help="fit steps of both checkpoints (default: 600)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=["per-row", *CHECKPOINTS], default="per-row",
                         help="one checkpoint for every row (its own reference path) instead of each row's")

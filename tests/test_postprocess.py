@@ -18,11 +18,11 @@ from clipseg3d.inference.postprocess import (
     connected_components,
     keep_largest_component,
     merge_label_map,
-    min_voxels,
     postprocess,
     remove_small_components,
     restrict_to_parents,
     threshold,
+    voxels_for_volume,
 )
 from clipseg3d.inference.threads import each_in_threads
 
@@ -110,14 +110,14 @@ def test_remove_small_components_uses_millilitres_with_anisotropic_spacing():
     assert remove_small_components(larger | smaller, 0.5, (0.5, 1.0, 1.0)).sum() == 0
 
 
-def test_min_voxels_is_the_volume_predicate_at_its_edge():
+def test_voxels_for_volume_is_the_volume_predicate_at_its_edge():
     """The fewest voxels whose ``count * voxel_ml >= minimum``, where the rounded quotient's ceiling is
     one too many (1.341 mL of 0.36 mm^3 voxels) or one too few (0.11 mL of 11 mm^3 voxels)."""
-    assert min_voxels(0.5, (0.8, 0.8, 1.5)) == 521  # 520 voxels hold 0.4992 mL
-    assert min_voxels(0.0, (1.0, 1.0, 1.0)) == 0
+    assert voxels_for_volume(0.5, (0.8, 0.8, 1.5)) == 521  # 520 voxels hold 0.4992 mL
+    assert voxels_for_volume(0.0, (1.0, 1.0, 1.0)) == 0
     for minimum, spacing, count in [(1.341, (0.3, 0.5, 2.4), 3725), (0.11, (5.0, 4.4, 0.5), 11)]:
         voxel_ml = float(np.prod(spacing)) / 1000.0
-        assert min_voxels(minimum, spacing) == count
+        assert voxels_for_volume(minimum, spacing) == count
         assert count * voxel_ml >= minimum > (count - 1) * voxel_ml
 
 
@@ -214,7 +214,6 @@ def test_postprocess_applies_catalog_rules_to_a_stack():
     assert np.array_equal(out[4], pair_lump)
 
 
-
 def test_each_in_threads_keeps_the_order_and_runs_at_most_one_item_per_thread_ahead(monkeypatch):
     monkeypatch.setattr(threads_module.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     lock, running, most = threading.Lock(), [0], [0]
@@ -245,6 +244,7 @@ def test_postprocess_on_threads_equals_one_thread(monkeypatch):
     single = postprocess(dict(given), CATALOG, names, (1.0, 1.0, 1.0), RAS, config)
     assert all(np.array_equal(threaded[name], single[name]) for name in names)
     assert all(0 < threaded[name].sum() < given[name].sum() for name in names)
+
 
 def test_postprocess_in_place_replaces_the_dict_entries_with_the_same_results():
     shape = (40, 20, 20)

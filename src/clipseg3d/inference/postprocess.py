@@ -149,7 +149,7 @@ def threshold(probs: np.ndarray, thresholds: Mapping[str, float] | float, class_
     return masks
 
 
-def min_voxels(min_volume_ml: float, spacing: Sequence[float]) -> int:
+def voxels_for_volume(min_volume_ml: float, spacing: Sequence[float]) -> int:
     """The fewest voxels of ``spacing`` mm whose volume is at least ``min_volume_ml``."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     count = max(int(np.ceil(min_volume_ml / voxel_ml)), 0)
@@ -170,7 +170,7 @@ def remove_small_components(mask: np.ndarray, min_volume_ml: float, spacing: Seq
     """
     result = np.zeros(mask.shape, dtype=bool)
     labels, sizes, box = connected_components(mask)
-    keep = sizes >= min_voxels(min_volume_ml, spacing)
+    keep = sizes >= voxels_for_volume(min_volume_ml, spacing)
     keep[0] = False
     result[box] = keep[labels]
     return result
@@ -309,7 +309,7 @@ def postprocess(masks: Masks, catalog: ClassCatalog, class_names: Sequence[str],
         if len(group) == 2:
             return assign_pair_sides(without_small(group[0]), without_small(group[1]), affine, midline_x)
         # one labelling: the largest component, unless it is small
-        return (keep_largest_component(current[group[0]], min_voxels=min_voxels(minimums[group[0]], spacing)),)
+        return (keep_largest_component(current[group[0]], min_voxels=voxels_for_volume(minimums[group[0]], spacing)),)
 
     for group, group_masks in zip(groups, each_in_threads(cleaned, groups)):
         current.update(zip(group, group_masks))
