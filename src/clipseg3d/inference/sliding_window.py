@@ -29,6 +29,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import Inferer
 from tqdm import tqdm
 
+from clipseg3d.inference.heap import freed_memory_reused
 from clipseg3d.models.model import UniversalModel
 
 # Window logits are clamped to this magnitude so float16 sums stay finite (sigmoid saturates long before).
@@ -123,19 +124,20 @@ class StreamingInferer(Inferer):
             total_weight[window] += importance
         accumulators: list[torch.Tensor] = []
         starts = range(0, len(windows), self.sw_batch_size)
-        for start in tqdm(starts, desc="windows", unit="batch", leave=False) if self.progress else starts:
-            batch = windows[start:start + self.sw_batch_size]
-            logits = predict(torch.cat([image[(slice(None), slice(None), *window)] for window in batch]))
-            logits = logits.to(device=image.device, dtype=torch.float32)
-            if not accumulators:
-                accumulators = [torch.zeros(image.shape[2:], dtype=torch.float16, device=image.device)
-                                for _ in range(logits.shape[1])]
-            elif logits.shape[1] != len(accumulators):
-                raise ValueError(f"network gave {logits.shape[1]} channels, then {len(accumulators)}")
-            for window, window_logits in zip(batch, logits):
-                window_logits.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).mul_(importance / total_weight[window])
-                for accumulator, class_logits in zip(accumulators, window_logits):
-                    accumulator[window] += class_logits
+        with freed_memory_reused():  # each window's activations land on the last one's pages
+            for start in tqdm(starts, desc="windows", unit="batch", leave=False) if self.progress else starts:
+                batch = windows[start:start + self.sw_batch_size]
+                logits = predict(torch.cat([image[(slice(None), slice(None), *window)] for window in batch]))
+                logits = logits.to(device=image.device, dtype=torch.float32)
+                if not accumulators:
+                    accumulators = [torch.zeros(image.shape[2:], dtype=torch.float16, device=image.device)
+                                    for _ in range(logits.shape[1])]
+                elif logits.shape[1] != len(accumulators):
+                    raise ValueError(f"network gave {logits.shape[1]} channels, then {len(accumulators)}")
+                for window, window_logits in zip(batch, logits):
+                    window_logits.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).mul_(importance / total_weight[window])
+                    for accumulator, class_logits in zip(accumulators, window_logits):
+                        accumulator[window] += class_logits
         if tuple(image.shape[2:]) != spatial:
             crop = tuple(slice(low, low + size) for (low, _), size in zip(pads, spatial))
             accumulators = [accumulator[crop].clone() for accumulator in accumulators]
