@@ -26,6 +26,7 @@ from clipseg3d.catalog import ClassCatalog, load_catalog
 from clipseg3d.data.preprocess import Preprocessing
 from clipseg3d.evaluation.report import write_reports
 from clipseg3d.evaluation.scoring import ClassResult
+from clipseg3d.inference.heap import keep_freed_memory, release_freed_memory
 from clipseg3d.inference.sliding_window import StreamingInferer
 from clipseg3d.models.backbones import Backbone, UNetBackbone
 from clipseg3d.models.checkpoint import CHECKPOINT_KEY
@@ -347,6 +348,10 @@ class UniversalSegmentation(L.LightningModule):
                        + (f", new classes: {', '.join(self.new_classes)}" if self.new_classes else ""))
         self.log("trainable_params", float(trainable))
         self.log("trainable_fraction", trainable / total)
+        keep_freed_memory()  # each step's activations on the last step's pages
+
+    def on_train_end(self) -> None:
+        release_freed_memory()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = self.model.metadata()
