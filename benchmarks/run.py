@@ -19,6 +19,7 @@ use_huge_pages()  # as the clipseg3d command does; before torch allocates (THP_M
 
 import torch  # noqa: E402
 
+from clipseg3d.inference.heap import freed_memory_reused  # noqa: E402
 from clipseg3d.models.backbones import SwinUNETRBackbone, UNetBackbone  # noqa: E402
 from clipseg3d.models.head import DynamicHead  # noqa: E402
 from clipseg3d.phantom import write_dataset  # noqa: E402
@@ -61,7 +62,7 @@ BACKBONES = {"unet": lambda swin_feature: UNetBackbone(num_res_units=1),  # the 
 @torch.no_grad()
 def head_rows(size: int = 96, class_counts: tuple[int, ...] = (32, 128, 512),
               backbones: tuple[str, ...] = ("unet", "swinunetr"), variants: tuple[str, ...] = ("class groups",),
-              repeats: int = 3, swin_feature: int = 48, text_dim: int = 512) -> list[dict]:
+              repeats: int = 5, swin_feature: int = 48, text_dim: int = 512) -> list[dict]:
     """Forward seconds of each backbone and of the dynamic head at each class count on one
     ``size``-cubed window, per head variant: ``class groups`` (the default inference path),
     ``one pass`` (all classes at once) and ``compiled`` (the fused kernel, compiled first)."""
@@ -75,13 +76,13 @@ def head_rows(size: int = 96, class_counts: tuple[int, ...] = (32, 128, 512),
         heads = {name: head_variant(head, name) for name in variants}
         for classes in class_counts:
             # the backbone is timed again beside each head: on a shared machine the load changes meanwhile
-            backbone_s = min(backbone_s, best_of(lambda: backbone(image), repeats=1))
+            backbone_s = min(backbone_s, best_of(lambda: backbone(image), repeats=2))
             embeddings = torch.randn(classes, text_dim)
             for each in heads.values():  # warm-up (the compiled head compiles here)
                 each(decoder_map, global_feature, embeddings)
             times = {name: best_of(lambda: each(decoder_map, global_feature, embeddings),
-                                   repeats=repeats if classes < 512 else 1) for name, each in heads.items()}
-            backbone_s = min(backbone_s, best_of(lambda: backbone(image), repeats=1))
+                                   repeats=repeats) for name, each in heads.items()}
+            backbone_s = min(backbone_s, best_of(lambda: backbone(image), repeats=2))
             rows += [{"backbone": backbone.registry_name, "classes": classes, "head": name, "backbone_s": backbone_s,
                       "head_s": head_s} for name, head_s in times.items()]
     return rows
@@ -130,7 +131,8 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}; sgemm {sgemm_gflops():.0f} GFLOP/s\n")
-    print_head_rows(head_rows(backbones=tuple(args.backbones), variants=tuple(args.heads)))
+    with freed_memory_reused():  # as segment's sliding window runs them
+        print_head_rows(head_rows(backbones=tuple(args.backbones), variants=tuple(args.heads)))
     print(f"\nsgemm at the end {sgemm_gflops():.0f} GFLOP/s")
     if not args.head_only:
         phantom_speed()
