@@ -111,8 +111,9 @@ def batch_run(ct_checkpoint, threshold, tmp_path_factory):
 
 
 # -- units ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overlap", [0.5, 0.25])
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
-def test_float16_streaming_aggregation_equals_monai_sliding_window(mode):
+def test_float16_streaming_aggregation_equals_monai_sliding_window(mode, overlap):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(),
                               torch.nn.Conv3d(4, 5, 3, padding=1)).eval()
@@ -122,8 +123,8 @@ def test_float16_streaming_aggregation_equals_monai_sliding_window(mode):
 
     image = torch.rand(1, 1, 40, 27, 13)  # the last side is smaller than the window: padded and cropped back
     with torch.no_grad():
-        expected = SlidingWindowInferer((16, 16, 16), sw_batch_size=3, overlap=0.5, mode=mode)(image, predictor)
-        streamed = StreamingInferer((16, 16, 16), 0.5, sw_batch_size=2, mode=mode)(image, predictor)
+        expected = SlidingWindowInferer((16, 16, 16), sw_batch_size=3, overlap=overlap, mode=mode)(image, predictor)
+        streamed = StreamingInferer((16, 16, 16), overlap, sw_batch_size=2, mode=mode)(image, predictor)
     assert all(channel.dtype == torch.float16 for channel in streamed)
     result = torch.stack(streamed)[None].float()
     assert result.shape == expected.shape
