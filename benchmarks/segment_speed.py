@@ -30,15 +30,17 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "segment_speed"
 SCANS = {"full": (512, 512, 300), "quick": (256, 256, 150)}
 VOXEL_MM = (0.8, 0.8, 1.5)
+#: the reference path's overlap, said on each row it applies to (the checkpoints record the demo's 0.25)
+OVERLAP_HALF = ["--overlap", "0.5"]
 #: name -> (what changed, checkpoint, segment options)
 ROWS = {
-    "reference": ("reference: float32, overlap 0.5, one window per pass", "fine", []),
+    "reference": ("reference: float32, overlap 0.5, one window per pass", "fine", OVERLAP_HALF),
     "overlap": ("overlap 0.25", "fine", ["--overlap", "0.25"]),
-    "batch": ("4 windows per pass", "fine", ["--sw-batch", "4"]),
-    "channels_last": ("channels-last windows (`--channels-last`)", "fine", ["--channels-last"]),
-    "bfloat16": ("bfloat16 autocast (`--bfloat16`)", "fine", ["--bfloat16"]),
-    "compile": ("compiled head (`--compile`)", "fine", ["--compile"]),
-    "onnx": ("backbone in ONNX Runtime (`--onnx`)", "fine", ["--onnx"]),
+    "batch": ("4 windows per pass", "fine", [*OVERLAP_HALF, "--sw-batch", "4"]),
+    "channels_last": ("channels-last windows (`--channels-last`)", "fine", [*OVERLAP_HALF, "--channels-last"]),
+    "bfloat16": ("bfloat16 autocast (`--bfloat16`)", "fine", [*OVERLAP_HALF, "--bfloat16"]),
+    "compile": ("compiled head (`--compile`)", "fine", [*OVERLAP_HALF, "--compile"]),
+    "onnx": ("backbone in ONNX Runtime (`--onnx`)", "fine", [*OVERLAP_HALF, "--onnx"]),
     "combined": ("overlap 0.25, channels-last, bfloat16, compiled head", "fine",
                  ["--overlap", "0.25", "--channels-last", "--bfloat16", "--compile"]),
     "fast": ("`--fast` (overlap 0.25; a checkpoint of 3 mm or coarser)", "coarse", ["--fast"]),
@@ -50,9 +52,9 @@ TRAINING_PHANTOMS = ("all_classes", 24, 11)
 #: checkpoint name -> (spacing mm, crop size, fit steps, overrides of the demo's fit). At 1.5 mm a
 #: 64^3 crop holds parts of a few organs: the demo's recipe (lr 3e-3, Dice on every labelled pair)
 #: learns to predict nothing there, so the fine fit scores Dice only on the crops that hold the class.
-CHECKPOINTS = {"fine": (1.5, (64, 64, 64), 600, ["--model.lr=1e-3", "--model.warmup_steps=50",
-                                                 "--model.dice_on_empty=false"]),
-               "coarse": (5.0, (64, 64, 48), 600, [])}
+CHECKPOINTS = {"fine": (1.5, (64, 64, 64), 1200, ["--model.lr=1e-3", "--model.warmup_steps=50",
+                                                  "--model.dice_on_empty=false"]),
+               "coarse": (5.0, (64, 64, 48), 1200, [])}
 
 
 def load_average() -> str:
