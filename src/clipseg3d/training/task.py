@@ -26,7 +26,6 @@ from clipseg3d.catalog import ClassCatalog, load_catalog
 from clipseg3d.data.preprocess import Preprocessing
 from clipseg3d.evaluation.report import write_reports
 from clipseg3d.evaluation.scoring import ClassResult
-from clipseg3d.inference.heap import keep_freed_memory, release_freed_memory
 from clipseg3d.inference.sliding_window import StreamingInferer
 from clipseg3d.models.backbones import Backbone, UNetBackbone
 from clipseg3d.models.checkpoint import CHECKPOINT_KEY
@@ -34,6 +33,7 @@ from clipseg3d.models.model import UniversalModel
 from clipseg3d.models.text_encoder import DEFAULT_TEXT_ENCODER, EmbeddingCache, embed_prompts
 from clipseg3d.training.finetune import StartingHead, check_finetune_request, prepare_finetuning
 from clipseg3d.training.losses import PartialLabelLoss
+from clipseg3d.training.memory import FreedMemoryKept
 from clipseg3d.training.metrics import ClassDice, compute_and_reset
 from clipseg3d.training.testing import (
     collect_evaluation,
@@ -348,10 +348,9 @@ class UniversalSegmentation(L.LightningModule):
                        + (f", new classes: {', '.join(self.new_classes)}" if self.new_classes else ""))
         self.log("trainable_params", float(trainable))
         self.log("trainable_fraction", trainable / total)
-        keep_freed_memory()  # each step's activations on the last step's pages
 
-    def on_train_end(self) -> None:
-        release_freed_memory()
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [FreedMemoryKept()]  # each step's activations on the last step's pages
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = self.model.metadata()
