@@ -250,7 +250,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256 x 256 x 150 voxels instead of 512 x 512 x 300")
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--steps", type=int, help="fit steps of both checkpoints (default: 600)")
+    parser.add_argument("--steps", type=int, help="fit steps of both checkpoints (default: "
+                        + ", ".join(f"{name} {steps}" for name, (_, _, steps, _) in CHECKPOINTS.items()) + ")")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=["per-row", *CHECKPOINTS], default="per-row",
                         help="one checkpoint for every row (its own reference path) instead of each row's")
