@@ -41,8 +41,11 @@ ROWS = {
     "bfloat16": ("bfloat16 autocast (`--bfloat16`)", "fine", [*OVERLAP_HALF, "--bfloat16"]),
     "compile": ("compiled head (`--compile`)", "fine", [*OVERLAP_HALF, "--compile"]),
     "onnx": ("backbone in ONNX Runtime (`--onnx`)", "fine", [*OVERLAP_HALF, "--onnx"]),
+    "openvino": ("backbone in OpenVINO (`--openvino`)", "fine", [*OVERLAP_HALF, "--openvino"]),
     "combined": ("overlap 0.25, channels-last, bfloat16, compiled head", "fine",
                  ["--overlap", "0.25", "--channels-last", "--bfloat16", "--compile"]),
+    "combined_openvino": ("overlap 0.25, backbone in OpenVINO, bfloat16, compiled head", "fine",
+                          ["--overlap", "0.25", "--openvino", "--bfloat16", "--compile"]),
     "fast": ("`--fast` (overlap 0.25; a checkpoint of 3 mm or coarser)", "coarse", ["--fast"]),
 }
 #: the rows run by default (4 windows per pass gained nothing on a CPU: see BENCHMARKS.md)
@@ -200,10 +203,14 @@ def dice_cell(scores: dict[str, float] | None) -> str:
 
 def window_means(size: int = 96, repeats: int = 2) -> None:
     """One forward of the demo U-Net + 32-class head per window: float32, channels-last, bfloat16
-    autocast, 2 windows per pass, the compiled head, and the last three together; interleaved
-    after a warm-up round (which also compiles), best of ``repeats``."""
+    autocast, 2 windows per pass, the compiled head, and the last three together, then the
+    backbone in OpenVINO (float32 and bfloat16) where it is installed; interleaved after a
+    warm-up round (which also compiles), best of ``repeats``."""
+    import importlib.util
+
     import torch
 
+    from clipseg3d.inference.onnx_backbone import openvino_backbone
     from clipseg3d.models.backbones import UNetBackbone
     from clipseg3d.models.head import DynamicHead
 
@@ -233,6 +240,18 @@ def window_means(size: int = 96, repeats: int = 2) -> None:
              "compiled head": (fused(lambda: network(one)), 1),
              "channels-last, bfloat16, compiled head": (
                  fused(lambda: torch.autocast("cpu", dtype=torch.bfloat16)(network)(last)), 1)}
+
+    def in_openvino(bfloat16: bool):
+        runtime = openvino_backbone(backbone, (size,) * 3, bfloat16=bfloat16)
+
+        def run() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                return head(*runtime(one), embeddings)
+        return run
+
+    if importlib.util.find_spec("openvino") is not None:
+        means["backbone in OpenVINO"] = (in_openvino(bfloat16=False), 1)
+        means["backbone in OpenVINO, bfloat16"] = (in_openvino(bfloat16=True), 1)
     times: dict[str, float] = {name: float("inf") for name in means}
     with torch.no_grad():
         for _ in range(repeats + 1):  # the first round warms up

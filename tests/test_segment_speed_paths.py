@@ -88,20 +88,39 @@ def test_the_compiled_head_gives_the_reference_probabilities(case, reference):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=PROBABILITY_TOLERANCE, msg=name)
 
 
-def test_the_onnx_backbone_gives_the_reference_probabilities(case, reference):
-    pytest.importorskip("onnxruntime")
+RUNTIMES = [("--onnx", "onnxruntime"), ("--openvino", "openvino")]
+
+
+@pytest.mark.parametrize("option, runtime", RUNTIMES)
+def test_a_runtime_backbone_gives_the_reference_probabilities(case, reference, option, runtime):
+    pytest.importorskip(runtime)
     args = build_parser().parse_args([str(case["scan"]), "--ckpt", str(case["fine"]), "-o", str(case["out"]),
-                                      "--device", "cpu", "--onnx"])
-    assert type(load_segmenter(args).model.backbone).__name__ == "OnnxBackbone"
-    for name, ours, theirs in zip(CLASSES, probabilities(case, ["--onnx"]), reference):
+                                      "--device", "cpu", option])
+    assert getattr(load_segmenter(args).model.backbone, "runtime", None) == runtime
+    for name, ours, theirs in zip(CLASSES, probabilities(case, [option]), reference):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=PROBABILITY_TOLERANCE, msg=name)
 
 
-def test_without_onnxruntime_the_backbone_falls_back_to_pytorch_with_one_line(case, reference, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+@pytest.mark.parametrize("option, runtime", RUNTIMES)
+def test_without_the_runtime_the_backbone_falls_back_to_pytorch_with_one_line(case, reference, monkeypatch, capsys,
+                                                                              option, runtime):
+    monkeypatch.setitem(sys.modules, runtime, None)  # import <runtime> now raises ImportError
     capsys.readouterr()
-    maps = probabilities(case, ["--onnx"])
-    lines = [line for line in capsys.readouterr().err.splitlines() if "onnx" in line.lower()]
-    assert len(lines) == 1 and "onnxruntime is not installed" in lines[0] and "PyTorch" in lines[0]
+    maps = probabilities(case, [option])
+    lines = [line for line in capsys.readouterr().err.splitlines() if runtime in line.lower()]
+    assert len(lines) == 1 and f"{runtime} is not installed" in lines[0] and "PyTorch" in lines[0]
     for name, ours, theirs in zip(CLASSES, maps, reference):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)  # the reference path itself
+
+
+def test_openvino_in_bfloat16_keeps_the_masks(case, reference):
+    pytest.importorskip("openvino")
+    ours = probabilities(case, ["--openvino", "--bfloat16"])
+    for name, mask, theirs in zip(CLASSES, masks(ours, reference), masks(reference, reference)):
+        assert dice(mask, theirs) >= 0.99, name
+
+
+def test_one_runtime_at_a_time(case):
+    with pytest.raises(SegmentError, match="choose one"):
+        load_segmenter(build_parser().parse_args([str(case["scan"]), "--ckpt", str(case["fine"]), "-o",
+                                                  str(case["out"]), "--onnx", "--openvino"]))

@@ -26,7 +26,7 @@ from clipseg3d.catalog import CatalogError
 from clipseg3d.cli.parsing import CommandParser, command_parser, error_line
 from clipseg3d.data.scans import ScanError, ScanWarning, find_scans, read_scan, scan_stem
 from clipseg3d.files import UnsafeFileError
-from clipseg3d.inference.onnx_backbone import onnx_backbone
+from clipseg3d.inference.onnx_backbone import onnx_backbone, openvino_backbone
 from clipseg3d.inference.outputs import (
     clear_leftovers,
     partial_folder,
@@ -141,6 +141,9 @@ def build_parser() -> CommandParser:
                         "where the CPU has bf16 instructions; masks differ slightly)")
     parser.add_argument("--onnx", action="store_true", help="run the backbone with ONNX Runtime on the CPU (the "
                         "optional extra clipseg3d[onnx]; without it, one line says so and PyTorch runs it)")
+    parser.add_argument("--openvino", action="store_true", help="run the backbone with OpenVINO on the CPU (the "
+                        "optional extra clipseg3d[openvino]; in bfloat16 with --bfloat16; without it, one line "
+                        "says so and PyTorch runs it)")
     parser.add_argument("--probabilities", action="store_true", help="write probabilities/CLASS.nii.gz (uint8, "
                         "scale slope 1/255)")
     parser.add_argument("--all-masks", action="store_true", help="write masks/CLASS.nii.gz for every class "
@@ -223,10 +226,15 @@ def load_segmenter(args) -> Segmenter:
             f"{'x'.join(f'{size:g}' for size in preprocessing.spacing)} mm"
         raise SegmentError(f"--fast: {args.ckpt} was trained on {grid}; --fast needs a checkpoint trained on a grid "
                            f"of {FAST_MIN_SPACING_MM:g} mm or coarser (segment without --fast)")
+    if args.onnx and args.openvino:
+        raise SegmentError("--onnx and --openvino each run the backbone; choose one")
+    if (args.onnx or args.openvino) and device != "cpu":
+        raise SegmentError(f"--{'onnx' if args.onnx else 'openvino'} runs the backbone on the CPU; use it with "
+                           "--device cpu")
     if args.onnx:
-        if device != "cpu":
-            raise SegmentError("--onnx runs the backbone on the CPU; use it with --device cpu")
         model.backbone = onnx_backbone(model.backbone, roi_size, say=_say)
+    if args.openvino:
+        model.backbone = openvino_backbone(model.backbone, roi_size, bfloat16=args.bfloat16, say=_say)
     if args.compile:
         if not hasattr(model.head, "fused"):
             raise SegmentError(f"--compile: {args.ckpt} has the released weights' head, which has no compiled "

@@ -1,10 +1,12 @@
-"""The backbone through ONNX Runtime: an optional extra (``pip install 'clipseg3d[onnx]'``).
+"""The backbone through an ONNX runtime: ONNX Runtime (``pip install 'clipseg3d[onnx]'``) or
+OpenVINO (``pip install 'clipseg3d[openvino]'``), both optional extras.
 
-:func:`onnx_backbone` exports a backbone in inference mode to ONNX (torch's TorchScript-based
-exporter, in memory) and wraps an ONNX Runtime session in a module with the backbone's interface:
-window batches in, ``(decoder_map, global_feature)`` out. Where onnxruntime is not installed, or
-the export fails, it says so in one line and returns the backbone itself: the PyTorch path is the
-fallback. The dynamic head stays in PyTorch (its weights are made per window).
+:func:`onnx_backbone` and :func:`openvino_backbone` export a backbone in inference mode to ONNX
+(torch's TorchScript-based exporter, in memory, any batch size) and wrap the runtime in a module
+with the backbone's interface: window batches in, ``(decoder_map, global_feature)`` out. Where the
+runtime is not installed, or the export fails, they say so in one line and return the backbone
+itself: the PyTorch path is the fallback. The dynamic head stays in PyTorch (its weights are made
+per window).
 """
 
 from __future__ import annotations
@@ -13,38 +15,36 @@ import io
 import warnings
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from clipseg3d.models.backbones import Backbone
 
-INSTALL_HINT = "pip install 'clipseg3d[onnx]'"
+INSTALL_HINTS = {"onnxruntime": "pip install 'clipseg3d[onnx]'", "openvino": "pip install 'clipseg3d[openvino]'"}
 
 
-class OnnxBackbone(nn.Module):
-    """An ONNX Runtime session in place of ``like`` (whose sizes and name it reports)."""
+class RuntimeBackbone(nn.Module):
+    """A runtime's ``run(windows) -> (decoder_map, global_feature)`` (numpy) in place of ``like``
+    (whose sizes and name it reports)."""
 
-    def __init__(self, session, like: Backbone):
+    def __init__(self, run: Callable[[np.ndarray], Sequence[np.ndarray]], like: Backbone, runtime: str):
         super().__init__()
-        self.session = session
+        self.run = run
+        self.runtime = runtime
         self.registry_name = like.registry_name
         self.out_channels = like.out_channels
         self.global_channels = like.global_channels
         self.size_multiple = like.size_multiple
 
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        decoder_map, global_feature = self.session.run(None, {"windows": windows.detach().float().cpu().numpy()})
+        decoder_map, global_feature = self.run(windows.detach().float().cpu().contiguous().numpy())
         return torch.from_numpy(decoder_map).to(windows.device), torch.from_numpy(global_feature).to(windows.device)
 
 
-def onnx_backbone(backbone: Backbone, roi_size: Sequence[int], say: Callable[[str], None] = print) -> nn.Module:
-    """``backbone`` run by ONNX Runtime on CPU windows of ``roi_size`` (any batch size), or
-    ``backbone`` itself, after one line through ``say``, where that cannot be had."""
-    try:
-        import onnxruntime
-    except ImportError:
-        say(f"note: onnxruntime is not installed ({INSTALL_HINT}); the backbone runs in PyTorch")
-        return backbone
+def exported(backbone: Backbone, roi_size: Sequence[int], runtime: str, say: Callable[[str], None]) -> bytes | None:
+    """``backbone`` as an in-memory ONNX model with a free batch axis, or None (after one line
+    through ``say``) where the export fails."""
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -54,10 +54,55 @@ def onnx_backbone(backbone: Backbone, roi_size: Sequence[int], say: Callable[[st
                               dynamic_axes={"windows": {0: "batch"}, "decoder_map": {0: "batch"},
                                             "global_feature": {0: "batch"}})
     except Exception as err:  # an exporter failure leaves the PyTorch path, which always works
-        say(f"note: the {backbone.registry_name} backbone could not be exported to ONNX "
+        say(f"note: the {backbone.registry_name} backbone could not be exported to ONNX for {runtime} "
             f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it runs in PyTorch")
+        return None
+    return buffer.getvalue()
+
+
+def not_installed(runtime: str, say: Callable[[str], None]) -> None:
+    say(f"note: {runtime} is not installed ({INSTALL_HINTS[runtime]}); the backbone runs in PyTorch")
+
+
+def onnx_backbone(backbone: Backbone, roi_size: Sequence[int], say: Callable[[str], None] = print) -> nn.Module:
+    """``backbone`` run by ONNX Runtime on CPU windows of ``roi_size`` (any batch size), or
+    ``backbone`` itself, after one line through ``say``, where that cannot be had."""
+    try:
+        import onnxruntime
+    except ImportError:
+        not_installed("onnxruntime", say)
+        return backbone
+    model = exported(backbone, roi_size, "onnxruntime", say)
+    if model is None:
         return backbone
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    return OnnxBackbone(session, backbone)
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return RuntimeBackbone(lambda windows: session.run(None, {"windows": windows}), backbone, "onnxruntime")
+
+
+def openvino_backbone(backbone: Backbone, roi_size: Sequence[int], bfloat16: bool = False,
+                      say: Callable[[str], None] = print) -> nn.Module:
+    """``backbone`` compiled by OpenVINO for the CPU (windows of ``roi_size``, any batch size), in
+    float32, or in bfloat16 where ``bfloat16`` and the CPU has it; or ``backbone`` itself, after
+    one line through ``say``, where that cannot be had."""
+    try:
+        import openvino
+    except ImportError:
+        not_installed("openvino", say)
+        return backbone
+    model = exported(backbone, roi_size, "openvino", say)
+    if model is None:
+        return backbone
+    core = openvino.Core()
+    # the precision is set either way: on CPUs with AMX, OpenVINO's default is bfloat16
+    compiled = core.compile_model(core.read_model(model), "CPU", {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"})
+    request = compiled.create_infer_request()
+
+    def run(windows: np.ndarray) -> list[np.ndarray]:
+        outputs = request.infer({"windows": windows})  # copies: the next call reuses the request's buffers
+        return [outputs[index] for index in range(2)]
+
+    return RuntimeBackbone(run, backbone, "openvino")
