@@ -20,6 +20,7 @@ from clipseg3d.catalog import ClassCatalog, load_catalog
 from clipseg3d.files import replace_atomically
 from clipseg3d.inference.postprocess import (
     Masks,
+    bounding_box,
     class_masks,
     keep_largest_component,
     merge_label_map,
@@ -53,9 +54,11 @@ def _focus(named: dict[str, np.ndarray], catalog: ClassCatalog) -> np.ndarray:
     else:
         others = [mask for name, mask in named.items() if catalog[name].kind != "tumour"]
         target = max(others, key=np.count_nonzero, default=None)
-    if target is None or not target.any():
+    box = None if target is None else bounding_box(target)
+    if box is None:
         return (np.array(shape) - 1) / 2.0
-    return np.array(ndimage.center_of_mass(target))
+    # on the mask's box: a whole CT's index grids take seconds
+    return np.array(ndimage.center_of_mass(target[box])) + [piece.start for piece in box]
 
 
 def _planes(volume: np.ndarray, focus: Sequence[int]) -> list[np.ndarray]:
