@@ -113,6 +113,23 @@ def test_without_the_runtime_the_backbone_falls_back_to_pytorch_with_one_line(ca
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)  # the reference path itself
 
 
+@pytest.mark.parametrize("option, runtime, loader", [("--onnx", "onnxruntime", "InferenceSession"),
+                                                     ("--openvino", "openvino", "Core")])
+def test_a_runtime_that_cannot_load_the_backbone_falls_back_to_pytorch_with_one_line(case, reference, monkeypatch,
+                                                                                   capsys, option, runtime, loader):
+    module = pytest.importorskip(runtime)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+    monkeypatch.setattr(module, loader, refuse)
+    capsys.readouterr()
+    maps = probabilities(case, [option])
+    lines = [line for line in capsys.readouterr().err.splitlines() if runtime in line.lower()]
+    assert len(lines) == 1 and "unsupported operator" in lines[0] and "PyTorch" in lines[0]
+    for name, ours, theirs in zip(CLASSES, maps, reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
+
+
 def test_openvino_in_bfloat16_keeps_the_masks(case, reference):
     pytest.importorskip("openvino")
     ours = probabilities(case, ["--openvino", "--bfloat16"])

@@ -4,8 +4,8 @@ OpenVINO (``pip install 'clipseg3d[openvino]'``), both optional extras.
 :func:`onnx_backbone` and :func:`openvino_backbone` export a backbone in inference mode to ONNX
 (torch's TorchScript-based exporter, in memory, any batch size) and wrap the runtime in a module
 with the backbone's interface: window batches in, ``(decoder_map, global_feature)`` out. Where the
-runtime is not installed, or the export fails, they say so in one line and return the backbone
-itself: the PyTorch path is the fallback. The dynamic head stays in PyTorch (its weights are made
+runtime is not installed, or the export or the runtime's loading fails, they say so in one line and
+return the backbone itself: the PyTorch path is the fallback. The dynamic head stays in PyTorch (its weights are made
 per window).
 """
 
@@ -64,6 +64,11 @@ def not_installed(runtime: str, say: Callable[[str], None]) -> None:
     say(f"note: {runtime} is not installed ({INSTALL_HINTS[runtime]}); the backbone runs in PyTorch")
 
 
+def refused(runtime: str, backbone: Backbone, err: Exception, say: Callable[[str], None]) -> None:
+    say(f"note: {runtime} could not load the exported {backbone.registry_name} backbone "
+        f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it runs in PyTorch")
+
+
 def onnx_backbone(backbone: Backbone, roi_size: Sequence[int], say: Callable[[str], None] = print) -> nn.Module:
     """``backbone`` run by ONNX Runtime on CPU windows of ``roi_size`` (any batch size), or
     ``backbone`` itself, after one line through ``say``, where that cannot be had."""
@@ -77,7 +82,11 @@ def onnx_backbone(backbone: Backbone, roi_size: Sequence[int], say: Callable[[st
         return backbone
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # an operator the runtime lacks: the PyTorch path still works
+        refused("onnxruntime", backbone, err, say)
+        return backbone
     return RuntimeBackbone(lambda windows: session.run(None, {"windows": windows}), backbone, "onnxruntime")
 
 
@@ -94,11 +103,15 @@ def openvino_backbone(backbone: Backbone, roi_size: Sequence[int], bfloat16: boo
     model = exported(backbone, roi_size, "openvino", say)
     if model is None:
         return backbone
-    core = openvino.Core()
-    # the precision is set either way: on CPUs with AMX, OpenVINO's default is bfloat16
-    compiled = core.compile_model(core.read_model(model), "CPU", {
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"})
+    try:
+        core = openvino.Core()
+        # the precision is set either way: on CPUs with AMX, OpenVINO's default is bfloat16
+        compiled = core.compile_model(core.read_model(model), "CPU", {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"})
+    except Exception as err:  # an operator the runtime lacks: the PyTorch path still works
+        refused("openvino", backbone, err, say)
+        return backbone
     request = compiled.create_infer_request()
 
     def run(windows: np.ndarray) -> list[np.ndarray]:
