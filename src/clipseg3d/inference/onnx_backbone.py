@@ -4,15 +4,17 @@ OpenVINO (``pip install 'clipseg3d[openvino]'``), both optional extras.
 :func:`onnx_backbone` and :func:`openvino_backbone` export a backbone in inference mode to ONNX
 (torch's TorchScript-based exporter, in memory, any batch size) and wrap the runtime in a module
 with the backbone's interface: window batches in, ``(decoder_map, global_feature)`` out. Where the
-runtime is not installed, or the export or the runtime's loading fails, they say so in one line and
-return the backbone itself: the PyTorch path is the fallback. The dynamic head stays in PyTorch (its weights are made
-per window).
+runtime is not installed, or the export or the runtime's loading fails, they say so in one line
+and return the backbone itself: the PyTorch path is the fallback. The dynamic head stays in
+PyTorch (its weights are made per window).
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import warnings
+from types import ModuleType
 from typing import Callable, Sequence
 
 import numpy as np
@@ -60,34 +62,39 @@ def exported(backbone: Backbone, roi_size: Sequence[int], runtime: str, say: Cal
     return buffer.getvalue()
 
 
-def not_installed(runtime: str, say: Callable[[str], None]) -> None:
-    say(f"note: {runtime} is not installed ({INSTALL_HINTS[runtime]}); the backbone runs in PyTorch")
-
-
-def refused(runtime: str, backbone: Backbone, err: Exception, say: Callable[[str], None]) -> None:
-    say(f"note: {runtime} could not load the exported {backbone.registry_name} backbone "
-        f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it runs in PyTorch")
+def runtime_backbone(backbone: Backbone, roi_size: Sequence[int], runtime: str,
+                     load: Callable[[ModuleType, bytes], Callable[[np.ndarray], Sequence[np.ndarray]]],
+                     say: Callable[[str], None]) -> nn.Module:
+    """``backbone`` exported and handed to ``load(runtime module, ONNX model)``, which returns the
+    runtime's ``run``; ``backbone`` itself, after one line through ``say``, where the runtime is
+    not installed, the export fails or ``load`` raises."""
+    try:
+        module = importlib.import_module(runtime)
+    except ImportError:
+        say(f"note: {runtime} is not installed ({INSTALL_HINTS[runtime]}); the backbone runs in PyTorch")
+        return backbone
+    model = exported(backbone, roi_size, runtime, say)
+    if model is None:
+        return backbone
+    try:
+        run = load(module, model)
+    except Exception as err:  # an operator the runtime lacks: the PyTorch path still works
+        say(f"note: {runtime} could not load the exported {backbone.registry_name} backbone "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it runs in PyTorch")
+        return backbone
+    return RuntimeBackbone(run, backbone, runtime)
 
 
 def onnx_backbone(backbone: Backbone, roi_size: Sequence[int], say: Callable[[str], None] = print) -> nn.Module:
     """``backbone`` run by ONNX Runtime on CPU windows of ``roi_size`` (any batch size), or
     ``backbone`` itself, after one line through ``say``, where that cannot be had."""
-    try:
-        import onnxruntime
-    except ImportError:
-        not_installed("onnxruntime", say)
-        return backbone
-    model = exported(backbone, roi_size, "onnxruntime", say)
-    if model is None:
-        return backbone
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    try:
+    def load(onnxruntime: ModuleType, model: bytes):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
         session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # an operator the runtime lacks: the PyTorch path still works
-        refused("onnxruntime", backbone, err, say)
-        return backbone
-    return RuntimeBackbone(lambda windows: session.run(None, {"windows": windows}), backbone, "onnxruntime")
+        return lambda windows: session.run(None, {"windows": windows})
+
+    return runtime_backbone(backbone, roi_size, "onnxruntime", load, say)
 
 
 def openvino_backbone(backbone: Backbone, roi_size: Sequence[int], bfloat16: bool = False,
@@ -95,27 +102,17 @@ def openvino_backbone(backbone: Backbone, roi_size: Sequence[int], bfloat16: boo
     """``backbone`` compiled by OpenVINO for the CPU (windows of ``roi_size``, any batch size), in
     float32, or in bfloat16 where ``bfloat16`` and the CPU has it; or ``backbone`` itself, after
     one line through ``say``, where that cannot be had."""
-    try:
-        import openvino
-    except ImportError:
-        not_installed("openvino", say)
-        return backbone
-    model = exported(backbone, roi_size, "openvino", say)
-    if model is None:
-        return backbone
-    try:
+    def load(openvino: ModuleType, model: bytes):
         core = openvino.Core()
         # the precision is set either way: on CPUs with AMX, OpenVINO's default is bfloat16
         compiled = core.compile_model(core.read_model(model), "CPU", {
             "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"})
-    except Exception as err:  # an operator the runtime lacks: the PyTorch path still works
-        refused("openvino", backbone, err, say)
-        return backbone
-    request = compiled.create_infer_request()
+        request = compiled.create_infer_request()
 
-    def run(windows: np.ndarray) -> list[np.ndarray]:
-        outputs = request.infer({"windows": windows})  # copies: the next call reuses the request's buffers
-        return [outputs[index] for index in range(2)]
+        def run(windows: np.ndarray) -> list[np.ndarray]:
+            outputs = request.infer({"windows": windows})  # copies: the next call reuses the request's buffers
+            return [outputs[index] for index in range(2)]
+        return run
 
-    return RuntimeBackbone(run, backbone, "openvino")
+    return runtime_backbone(backbone, roi_size, "openvino", load, say)
