@@ -114,14 +114,16 @@ def test_without_the_runtime_the_backbone_falls_back_to_pytorch_with_one_line(ca
 
 
 @pytest.mark.parametrize("option, runtime, loader", [("--onnx", "onnxruntime", "InferenceSession"),
-                                                     ("--openvino", "openvino", "Core")])
-def test_a_runtime_that_cannot_load_the_backbone_falls_back_to_pytorch_with_one_line(case, reference, monkeypatch,
+                                                     ("--openvino", "openvino", "Core"),
+                                                     ("--onnx", "onnxruntime", None), ("--openvino", "openvino", None)])
+def test_a_backbone_that_cannot_be_exported_or_loaded_runs_in_pytorch_after_one_line(case, reference, monkeypatch,
                                                                                    capsys, option, runtime, loader):
+    """``loader``: the runtime's entry that refuses the model; None: the ONNX export itself fails."""
     module = pytest.importorskip(runtime)
 
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported operator")
-    monkeypatch.setattr(module, loader, refuse)
+    monkeypatch.setattr(*((module, loader) if loader else (torch.onnx, "export")), refuse)
     capsys.readouterr()
     maps = probabilities(case, [option])
     lines = [line for line in capsys.readouterr().err.splitlines() if runtime in line.lower()]
