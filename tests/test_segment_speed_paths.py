@@ -113,17 +113,20 @@ def test_without_the_runtime_the_backbone_falls_back_to_pytorch_with_one_line(ca
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)  # the reference path itself
 
 
-@pytest.mark.parametrize("option, runtime, loader", [("--onnx", "onnxruntime", "InferenceSession"),
-                                                     ("--openvino", "openvino", "Core"),
-                                                     ("--onnx", "onnxruntime", None), ("--openvino", "openvino", None)])
-def test_a_backbone_that_cannot_be_exported_or_loaded_runs_in_pytorch_after_one_line(case, reference, monkeypatch,
-                                                                                   capsys, option, runtime, loader):
-    """``loader``: the runtime's entry that refuses the model; None: the ONNX export itself fails."""
+@pytest.mark.parametrize("option, runtime, refusing", [
+    ("--onnx", "onnxruntime", "InferenceSession"), ("--openvino", "openvino", "Core"),  # loading the model
+    ("--onnx", "onnxruntime", "InferenceSession.run"), ("--openvino", "openvino", "InferRequest.infer"),  # running it
+    ("--onnx", "onnxruntime", None), ("--openvino", "openvino", None)])  # None: the ONNX export itself
+def test_a_backbone_the_runtime_cannot_take_runs_in_pytorch_after_one_line(case, reference, monkeypatch, capsys,
+                                                                         option, runtime, refusing):
     module = pytest.importorskip(runtime)
 
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported operator")
-    monkeypatch.setattr(*((module, loader) if loader else (torch.onnx, "export")), refuse)
+    owner, name = (torch.onnx, "export") if refusing is None else (module, refusing)
+    for part in name.split(".")[:-1]:
+        owner = getattr(owner, part)
+    monkeypatch.setattr(owner, name.split(".")[-1], refuse)
     capsys.readouterr()
     maps = probabilities(case, [option])
     lines = [line for line in capsys.readouterr().err.splitlines() if runtime in line.lower()]

@@ -67,7 +67,7 @@ def runtime_backbone(backbone: Backbone, roi_size: Sequence[int], runtime: str,
                      say: Callable[[str], None]) -> nn.Module:
     """``backbone`` exported and handed to ``load(runtime module, ONNX model)``, which returns the
     runtime's ``run``; ``backbone`` itself, after one line through ``say``, where the runtime is
-    not installed, the export fails or ``load`` raises."""
+    not installed, the export fails, or ``load`` or a first run on a blank window raises."""
     try:
         module = importlib.import_module(runtime)
     except ImportError:
@@ -78,6 +78,7 @@ def runtime_backbone(backbone: Backbone, roi_size: Sequence[int], runtime: str,
         return backbone
     try:
         run = load(module, model)
+        run(np.zeros((1, 1, *roi_size), np.float32))  # some runtimes fail only when they first run
     except Exception as err:  # an operator the runtime lacks: the PyTorch path still works
         say(f"note: {runtime} could not load the exported {backbone.registry_name} backbone "
             f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it runs in PyTorch")
