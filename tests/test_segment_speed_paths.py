@@ -67,6 +67,17 @@ def test_bfloat16_masks_agree_with_the_reference(case, reference):
         assert dice(mask, theirs) >= 0.99, name
 
 
+def test_bfloat16_on_a_cpu_without_bfloat16_convolutions_runs_float32_after_one_line(case, reference, monkeypatch,
+                                                                                    capsys):
+    monkeypatch.setattr("clipseg3d.cli.segment.cpu_runs_bfloat16", lambda: False)
+    capsys.readouterr()
+    maps = probabilities(case, ["--bfloat16"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "bfloat16" in line]
+    assert len(lines) == 1 and "AVX-512" in lines[0] and "float32" in lines[0]
+    for name, ours, theirs in zip(CLASSES, maps, reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)  # the reference path itself
+
+
 def test_fast_needs_a_coarse_checkpoint_and_lowers_the_overlap(case, capsys):
     def segmenter(*options: str, checkpoint: str = "coarse"):
         return load_segmenter(build_parser().parse_args([str(case["scan"]), "--ckpt", str(case[checkpoint]), "-o",

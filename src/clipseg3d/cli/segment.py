@@ -36,7 +36,7 @@ from clipseg3d.inference.outputs import (
 )
 from clipseg3d.inference.pipeline import CheckpointSettings, OutputSettings, Segmenter
 from clipseg3d.inference.postprocess import PostprocessConfig
-from clipseg3d.inference.sliding_window import StreamingInferer
+from clipseg3d.inference.sliding_window import StreamingInferer, cpu_runs_bfloat16
 from clipseg3d.models.checkpoint import CheckpointError
 from clipseg3d.models.class_matching import resolve_class_names
 from clipseg3d.models.importer import IMPORT_KEY, WeightImportError, open_model, sha256_of
@@ -138,7 +138,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--channels-last", action="store_true", help="hand the network channels-last windows "
                         "(faster convolutions on many CPUs; same outputs to float precision)")
     parser.add_argument("--bfloat16", action="store_true", help="run the network under bfloat16 autocast (faster "
-                        "where the CPU has bf16 instructions; masks differ slightly)")
+                        "where the CPU has bf16 instructions; masks differ slightly; a CPU without AVX-512 runs "
+                        "float32 after one line)")
     parser.add_argument("--onnx", action="store_true", help="run the backbone with ONNX Runtime on the CPU (the "
                         "optional extra clipseg3d[onnx]; without it, one line says so and PyTorch runs it)")
     parser.add_argument("--openvino", action="store_true", help="run the backbone with OpenVINO on the CPU (the "
@@ -226,6 +227,11 @@ def load_segmenter(args) -> Segmenter:
             f"{'x'.join(f'{size:g}' for size in preprocessing.spacing)} mm"
         raise SegmentError(f"--fast: {args.ckpt} was trained on {grid}; --fast needs a checkpoint trained on a grid "
                            f"of {FAST_MIN_SPACING_MM:g} mm or coarser (segment without --fast)")
+    bfloat16 = args.bfloat16
+    if bfloat16 and device == "cpu" and not cpu_runs_bfloat16():
+        _say("note: this CPU has no bfloat16 convolutions (they need AVX-512) and would run --bfloat16 about "
+             "100x slower; the network runs in float32")
+        bfloat16 = False
     if args.onnx and args.openvino:
         raise SegmentError("--onnx and --openvino each run the backbone; choose one")
     if (args.onnx or args.openvino) and device != "cpu":
@@ -234,7 +240,7 @@ def load_segmenter(args) -> Segmenter:
     if args.onnx:
         model.backbone = onnx_backbone(model.backbone, roi_size, say=_say)
     if args.openvino:
-        model.backbone = openvino_backbone(model.backbone, roi_size, bfloat16=args.bfloat16, say=_say)
+        model.backbone = openvino_backbone(model.backbone, roi_size, bfloat16=bfloat16, say=_say)
     if args.compile:
         if not hasattr(model.head, "fused"):
             raise SegmentError(f"--compile: {args.ckpt} has the released weights' head, which has no compiled "
@@ -245,7 +251,7 @@ def load_segmenter(args) -> Segmenter:
                               dicom_seg=args.dicom_seg, overlay=not args.no_overlay,
                               hu_window=preprocessing.hu_window)
     inferer = StreamingInferer(roi_size, overlap, sw_batch_size=args.sw_batch, tta=args.tta, progress=True,
-                               channels_last=args.channels_last, bfloat16=args.bfloat16)
+                               channels_last=args.channels_last, bfloat16=bfloat16)
     return Segmenter(model=model, checkpoint=args.ckpt, class_names=class_names, preprocessing=preprocessing,
                      inferer=inferer, settings=settings, checkpoint_sha256=sha256_of(args.ckpt))
 
