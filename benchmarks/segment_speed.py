@@ -250,10 +250,12 @@ def window_means(size: int = 96, repeats: int = 2) -> None:
                 return head(*runtime(one), embeddings)
         return run
 
+    bfloat16 = cpu_runs_bfloat16()
     if importlib.util.find_spec("openvino") is not None:
         means["backbone in OpenVINO"] = (in_openvino(bfloat16=False), 1)
-        means["backbone in OpenVINO, bfloat16"] = (in_openvino(bfloat16=True), 1)
-    if not cpu_runs_bfloat16():  # about 100x float32's time: segment runs float32 there
+        if bfloat16:
+            means["backbone in OpenVINO, bfloat16"] = (in_openvino(bfloat16=True), 1)
+    if not bfloat16:  # about 100x float32's time: segment runs float32 there
         print("this CPU has no bfloat16 convolutions: the bfloat16 means are left out")
         means = {name: mean for name, mean in means.items() if "bfloat16" not in name}
     times: dict[str, float] = {name: float("inf") for name in means}

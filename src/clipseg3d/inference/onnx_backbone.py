@@ -44,6 +44,11 @@ class RuntimeBackbone(nn.Module):
         return torch.from_numpy(decoder_map).to(windows.device), torch.from_numpy(global_feature).to(windows.device)
 
 
+def brief(err: Exception) -> str:
+    """An exporter's or runtime's error on one line, at most 200 characters of its text."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+
+
 def exported(backbone: Backbone, roi_size: Sequence[int], runtime: str, say: Callable[[str], None]) -> bytes | None:
     """``backbone`` as an in-memory ONNX model with a free batch axis, or None (after one line
     through ``say``) where the export fails."""
@@ -57,7 +62,7 @@ def exported(backbone: Backbone, roi_size: Sequence[int], runtime: str, say: Cal
                                             "global_feature": {0: "batch"}})
     except Exception as err:  # an exporter failure leaves the PyTorch path, which always works
         say(f"note: the {backbone.registry_name} backbone could not be exported to ONNX for {runtime} "
-            f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it runs in PyTorch")
+            f"({brief(err)}); it runs in PyTorch")
         return None
     return buffer.getvalue()
 
@@ -81,7 +86,7 @@ def runtime_backbone(backbone: Backbone, roi_size: Sequence[int], runtime: str,
         run(np.zeros((1, 1, *roi_size), np.float32))  # some runtimes fail only when they first run
     except Exception as err:  # an operator the runtime lacks: the PyTorch path still works
         say(f"note: {runtime} could not load the exported {backbone.registry_name} backbone "
-            f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it runs in PyTorch")
+            f"({brief(err)}); it runs in PyTorch")
         return backbone
     return RuntimeBackbone(run, backbone, runtime)
 
