@@ -46,6 +46,10 @@ ROWS = {
                  ["--overlap", "0.25", "--channels-last", "--bfloat16", "--compile"]),
     "combined_openvino": ("overlap 0.25, backbone in OpenVINO, bfloat16, compiled head", "fine",
                           ["--overlap", "0.25", "--openvino", "--bfloat16", "--compile"]),
+    "combined_half": ("overlap 0.5, channels-last, bfloat16, compiled head", "fine",
+                      [*OVERLAP_HALF, "--channels-last", "--bfloat16", "--compile"]),
+    "float32_half": ("overlap 0.5, backbone in OpenVINO, compiled head (float32 only)", "fine",
+                     [*OVERLAP_HALF, "--openvino", "--compile"]),
     "fast": ("`--fast` (overlap 0.25; a checkpoint of 3 mm or coarser)", "coarse", ["--fast"]),
 }
 #: the rows run by default (4 windows per pass gained nothing on a CPU: see BENCHMARKS.md)
