@@ -50,7 +50,7 @@ ROWS = {
                       [*OVERLAP_HALF, "--channels-last", "--bfloat16", "--compile"]),
     "float32_half": ("overlap 0.5, backbone in OpenVINO, compiled head (float32 only)", "fine",
                      [*OVERLAP_HALF, "--openvino", "--compile"]),
-    "fast": ("`--fast` (overlap 0.25; a checkpoint of 3 mm or coarser)", "coarse", ["--fast"]),
+    "fast": ("`--fast` (the coarse checkpoint, its overlap 0.25)", "coarse", ["--fast"]),
 }
 #: the rows run by default (4 windows per pass gained nothing on a CPU: see BENCHMARKS.md)
 DEFAULT_ROWS = [row for row in ROWS if row != "batch"]

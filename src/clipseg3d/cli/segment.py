@@ -46,9 +46,8 @@ PROG = "clipseg3d segment"
 #: The output folder name of a scan whose name gives none (``.nii.gz`` in the root folder).
 FALLBACK_NAME = "scan"
 ALREADY_DONE = "already done with this checkpoint and settings (--overwrite to redo)"
-#: ``--fast``: the finest model grid it accepts (mm) and its window overlap
+#: ``--fast``: the finest model grid it accepts (mm)
 FAST_MIN_SPACING_MM = 3.0
-FAST_OVERLAP = 0.25
 
 
 class SegmentError(ValueError):
@@ -130,8 +129,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--sw-batch", type=int, default=1, metavar="N", help="windows per forward pass")
     parser.add_argument("--tta", action="store_true", help="average over flips (anterior-posterior, superior-inferior)")
     parser.add_argument("--fast", action="store_true", help="a whole CT in seconds: needs a checkpoint trained on a "
-                        f"grid of {FAST_MIN_SPACING_MM:g} mm or coarser (as the demo's), windows overlap "
-                        f"{FAST_OVERLAP:g} (unless --overlap)")
+                        f"grid of {FAST_MIN_SPACING_MM:g} mm or coarser (as the demo's); the windows keep the "
+                        "checkpoint's overlap")
     parser.add_argument("--compile", action="store_true", help="run the dynamic head as one compiled kernel "
                         "(torch.compile: a one-off compile of seconds, then a head several times faster; same "
                         "outputs to float precision)")
@@ -220,7 +219,7 @@ def load_segmenter(args) -> Segmenter:
     if any(size < 1 or size % multiple for size in roi_size):
         raise SegmentError(f"--roi {' '.join(map(str, roi_size))}: the {model.backbone.registry_name} backbone "
                            f"needs window sizes that are positive multiples of {multiple}")
-    overlap = float(args.overlap if args.overlap is not None else FAST_OVERLAP if args.fast else recorded.overlap)
+    overlap = float(args.overlap if args.overlap is not None else recorded.overlap)
     preprocessing = recorded.preprocessing
     if args.fast and (preprocessing.spacing is None or min(preprocessing.spacing) < FAST_MIN_SPACING_MM):
         grid = "the scan's own grid" if preprocessing.spacing is None else \
