@@ -93,6 +93,14 @@ def test_fast_needs_a_coarse_checkpoint_and_keeps_its_overlap(case, capsys):
     assert len(lines) == 1 and str(case["fine"]) in lines[0] and not case["out"].exists()
 
 
+def test_no_speed_option_changes_the_checkpoints_overlap(case):
+    """Another overlap moves an unsure model's masks (BENCHMARKS.md): only ``--overlap`` sets it."""
+    options = ["--fast", "--channels-last", "--bfloat16", "--compile", "--sw-batch", "2", "--openvino"]
+    args = build_parser().parse_args([str(case["scan"]), "--ckpt", str(case["coarse"]), "-o", str(case["out"]),
+                                      "--device", "cpu", *options])
+    assert load_segmenter(args).inferer.overlap == 0.5  # the checkpoint's
+
+
 @pytest.mark.slow  # compiles the fused head kernel (tens of seconds on 2 cores)
 def test_the_compiled_head_gives_the_reference_probabilities(case, reference):
     for name, ours, theirs in zip(CLASSES, probabilities(case, ["--compile"]), reference):
