@@ -226,16 +226,16 @@ def load_segmenter(args) -> Segmenter:
             f"{'x'.join(f'{size:g}' for size in preprocessing.spacing)} mm"
         raise SegmentError(f"--fast: {args.ckpt} was trained on {grid}; --fast needs a checkpoint trained on a grid "
                            f"of {FAST_MIN_SPACING_MM:g} mm or coarser (segment without --fast)")
-    bfloat16 = args.bfloat16
-    if bfloat16 and device == "cpu" and not cpu_runs_bfloat16():
-        _say("note: this CPU has no bfloat16 convolutions (they need AVX-512) and would run --bfloat16 about "
-             "100x slower; the network runs in float32")
-        bfloat16 = False
     if args.onnx and args.openvino:
         raise SegmentError("--onnx and --openvino each run the backbone; choose one")
     if (args.onnx or args.openvino) and device != "cpu":
         raise SegmentError(f"--{'onnx' if args.onnx else 'openvino'} runs the backbone on the CPU; use it with "
                            "--device cpu")
+    bfloat16 = args.bfloat16
+    if bfloat16 and device == "cpu" and not cpu_runs_bfloat16():
+        _say("note: this CPU has no bfloat16 convolutions (they need AVX-512) and would run --bfloat16 about "
+             "100x slower; the network runs in float32")
+        bfloat16 = False
     if args.onnx:
         model.backbone = onnx_backbone(model.backbone, roi_size, say=_say)
     if args.openvino:
